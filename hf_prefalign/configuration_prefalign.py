@@ -1,0 +1,85 @@
+"""Configuration of a PrefAlign backbone: a base causal LM plus a latent encoder and a latent adapter."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+
+class PrefAlignConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`PrefAlignForCausalLM`] backbone.
+
+    The backbone is a conditional VAE around any causal LM: a latent encoder q(z|x,y) reads a prompt and response and
+    returns a diagonal Gaussian over a small latent z; a latent adapter turns z into a few key/value slots prepended to
+    every attention layer of the (usually frozen) base LM.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Configuration of the base causal LM. Named `text_config` like the language part of transformers'
+            composite models, so `config.get_text_config()` and caches built from this config see the base LM.
+        base_model_name_or_path (`str`, *optional*):
+            Where the base LM's weights live (Hub id, local path, or the embedded default's reference). A backbone
+            saved with a frozen base stores only its latent modules and reloads the base from here.
+        base_model_revision (`str`, *optional*):
+            Hub revision of the base LM.
+        latent_dim (`int`, *optional*, defaults to 32):
+            Size of the latent variable z.
+        num_prefix_slots (`int`, *optional*, defaults to 4):
+            Key/value slots per attention layer produced by the latent adapter.
+        num_encoder_layers (`int`, *optional*, defaults to 2):
+            Transformer blocks of the latent encoder, initialised from the base LM's first blocks.
+        num_encoder_queries (`int`, *optional*, defaults to 4):
+            Learned query vectors appended to the encoder's input; their outputs parameterise q(z|x,y).
+        adapter_init_std (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the latent adapter's initial weights.
+        base_included (`bool`, *optional*, defaults to `False`):
+            Set by `save_pretrained`: whether the checkpoint holds the full base LM (trained base) or only a reference
+            to it (frozen base).
+
+    Example:
+
+    ```python
+    >>> from transformers import LlamaConfig
+    >>> from hf_prefalign import PrefAlignConfig
+    >>> base = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    ...                    num_key_value_heads=2, vocab_size=128)
+    >>> config = PrefAlignConfig(text_config=base, latent_dim=8)
+    >>> config.get_text_config().model_type
+    'llama'
+    ```
+    """
+
+    model_type = "prefalign"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", optional=True)}
+
+    text_config: dict | PreTrainedConfig | None = None
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    latent_dim: int = 32
+    num_prefix_slots: int = 4
+    num_encoder_layers: int = 2
+    num_encoder_queries: int = 4
+    adapter_init_std: float = 0.02
+    base_included: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        for name in ("latent_dim", "num_prefix_slots", "num_encoder_layers", "num_encoder_queries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.text_config is not None:
+            base_layers = self.text_config.num_hidden_layers
+            if self.num_encoder_layers > base_layers:
+                raise ValueError(
+                    f"`num_encoder_layers={self.num_encoder_layers}` exceeds the base model's "
+                    f"num_hidden_layers={base_layers}: the encoder is initialised from the base's first blocks."
+                )
+
+
+__all__ = ["PrefAlignConfig"]

@@ -1,0 +1,20 @@
+"""The backbone: latent encoder -> latents -> latent adapter -> prefix in the base LM."""
+
+from .adapter import LatentAdapter
+from .architectures import DECODER_LAYOUTS, DecoderLayout, get_decoder_layout
+from .distributions import DiagonalGaussian
+from .encoder import LatentEncoder
+from .modeling_prefalign import PrefAlignForCausalLM, PrefAlignPreTrainedModel, load_default_backbone
+
+
+__all__ = [
+    "DECODER_LAYOUTS",
+    "DecoderLayout",
+    "DiagonalGaussian",
+    "LatentAdapter",
+    "LatentEncoder",
+    "PrefAlignForCausalLM",
+    "PrefAlignPreTrainedModel",
+    "get_decoder_layout",
+    "load_default_backbone",
+]

@@ -1,0 +1,114 @@
+"""The latent encoder q(z|x,y): a few transformer blocks of the base LM reading its own (shared) token embeddings."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.utils import logging
+
+from ..configuration_prefalign import PrefAlignConfig
+from .distributions import DiagonalGaussian
+
+
+logger = logging.get_logger(__name__)
+
+
+def _truncated_text_config(text_config: PreTrainedConfig, num_layers: int) -> PreTrainedConfig:
+    """The base config cut to its first `num_layers` blocks, with a 1-token vocabulary.
+
+    The encoder never looks tokens up itself (it receives the base's embeddings), so its own table is a single row
+    that is deleted right after construction.
+    """
+    config = copy.deepcopy(text_config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types[:num_layers])
+    config.vocab_size = 1
+    for token_attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if hasattr(config, token_attr):
+            setattr(config, token_attr, None)
+    config.use_cache = False
+    return config
+
+
+class LatentEncoder(nn.Module):
+    """Encodes token sequences into a diagonal Gaussian over z.
+
+    Reads `inputs_embeds` (the base LM's token embeddings, looked up by the caller from the shared, frozen table),
+    appends `num_encoder_queries` learned query vectors, runs `num_encoder_layers` transformer blocks of the base's own
+    architecture, and maps the query outputs through a LayerNorm and a linear layer to a mean and log-variance. The
+    linear layer starts at zero, so an untrained encoder returns exactly N(0, I).
+
+    The same encoder reads prompt + response (posterior q(z|x,y)) or a prompt alone (features for a user's prior).
+    """
+
+    def __init__(self, config: PrefAlignConfig):
+        super().__init__()
+        text_config = config.text_config
+        hidden_size = text_config.hidden_size
+        self.blocks: PreTrainedModel = AutoModel.from_config(
+            _truncated_text_config(text_config, config.num_encoder_layers)
+        )
+        # Drop the placeholder token table: embeddings always come from the base LM.
+        embedding_name = next(
+            name for name, child in self.blocks.named_children() if child is self.blocks.get_input_embeddings()
+        )
+        setattr(self.blocks, embedding_name, None)
+
+        self.queries = nn.Parameter(torch.zeros(config.num_encoder_queries, hidden_size))
+        self.output_norm = nn.LayerNorm(hidden_size)
+        self.to_gaussian = nn.Linear(config.num_encoder_queries * hidden_size, 2 * config.latent_dim)
+        self.num_queries = config.num_encoder_queries
+
+    def init_from_base(self, base_model: PreTrainedModel) -> list[str]:
+        """Copy the base LM's first blocks (and any position/norm weights the encoder shares with it).
+
+        Returns the names of the copied tensors.
+        """
+        source = base_model.base_model.state_dict()
+        target = self.blocks.state_dict()
+        copied = {
+            name: tensor for name, tensor in source.items() if name in target and target[name].shape == tensor.shape
+        }
+        self.blocks.load_state_dict(copied, strict=False)
+        missing = sorted(set(target) - set(copied))
+        if missing:
+            logger.warning(
+                f"Latent encoder: {len(missing)} tensors were not found in the base model and stay "
+                f"randomly initialised: {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            )
+        return sorted(copied)
+
+    def features(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Outputs of the learned queries.
+
+        Args:
+            inputs_embeds (`torch.Tensor` of shape `(B, T, hidden)`): token embeddings of the base LM.
+            attention_mask (`torch.Tensor` of shape `(B, T)`): 1 for real tokens, 0 for padding (either side).
+
+        Returns:
+            `torch.Tensor` of shape `(B, Q, hidden)`.
+        """
+        batch = inputs_embeds.shape[0]
+        queries = self.queries.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, Q, hidden)
+        hidden = torch.cat([inputs_embeds, queries], dim=1)  # (B, T+Q, hidden)
+        mask = torch.cat(
+            [attention_mask.to(torch.long), attention_mask.new_ones(batch, self.num_queries, dtype=torch.long)], dim=1
+        )
+        # Queries sit right after the last real token, wherever the padding is.
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T+Q)
+        outputs = self.blocks(inputs_embeds=hidden, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        return outputs.last_hidden_state[:, -self.num_queries :]  # (B, Q, hidden)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> DiagonalGaussian:
+        """q(z | tokens) for `(B, T, hidden)` embeddings; returns a Gaussian with mean and log-variance `(B, Z)`."""
+        features = self.output_norm(self.features(inputs_embeds, attention_mask))  # (B, Q, hidden)
+        params = self.to_gaussian(features.flatten(1))  # (B, Q*hidden) -> (B, 2Z)
+        mean, logvar = params.float().chunk(2, dim=-1)  # 2 x (B, Z)
+        return DiagonalGaussian(mean, logvar)
+
+
+__all__ = ["LatentEncoder"]

@@ -1,0 +1,679 @@
+"""PrefAlignForCausalLM: any Hugging Face causal LM with a latent variable z steering what it writes."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .. import __version__
+from ..configuration_prefalign import PrefAlignConfig
+from ..loading import load_base_model, load_default_base
+from ..utils.constants import (
+    BASE_MODEL_SUBFOLDER,
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    WEIGHTS_NAME,
+)
+from ..utils.serialization import (
+    atomic_directory,
+    load_tensors,
+    save_tensors_atomic,
+    write_json_atomic,
+)
+from .adapter import LatentAdapter
+from .architectures import get_decoder_layout
+from .distributions import DiagonalGaussian
+from .encoder import LatentEncoder
+
+
+logger = logging.get_logger(__name__)
+
+# Prefixes of the parameters that belong to the latent modules (what a frozen-base backbone saves).
+LATENT_MODULES = ("latent_encoder", "latent_adapter")
+# Base config fields that must agree between a saved backbone and the base it is loaded onto.
+_BASE_IDENTITY_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+_LATENT_OPTIONS = ("latent_dim", "num_prefix_slots", "num_encoder_layers", "num_encoder_queries", "adapter_init_std")
+
+
+def _check_base_matches(expected: Any, found: Any, where: str) -> None:
+    """Raise if the base model's architecture differs from the one the backbone was built on."""
+    differences = []
+    for field in _BASE_IDENTITY_FIELDS:
+        a, b = getattr(expected, field, None), getattr(found, field, None)
+        if a is not None and b is not None and a != b:
+            differences.append(f"{field}: expected {a!r}, found {b!r}")
+    if differences:
+        raise ValueError(f"The base model {where} does not match the backbone's base: " + "; ".join(differences))
+
+
+class PrefAlignPreTrainedModel(PreTrainedModel):
+    config_class = PrefAlignConfig
+    base_model_prefix = "language_model"
+    # Checkpointed decoder layers drop the cache (transformers' GradientCheckpointingLayer), and the cache is what
+    # carries the latent prefix, so gradient checkpointing would silently train without z.
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["cache"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Runs from `post_init`; zero-inits written in `__init__` would be overwritten here otherwise.
+        if isinstance(module, LatentEncoder):
+            init.normal_(module.queries, mean=0.0, std=self.config.adapter_init_std)
+            init.ones_(module.output_norm.weight)
+            init.zeros_(module.output_norm.bias)
+            # A zero output layer makes an untrained encoder return exactly N(0, I).
+            init.zeros_(module.to_gaussian.weight)
+            init.zeros_(module.to_gaussian.bias)
+        elif isinstance(module, LatentAdapter):
+            init.normal_(module.weight, mean=0.0, std=self.config.adapter_init_std)
+            init.normal_(module.bias, mean=0.0, std=self.config.adapter_init_std)
+
+
+class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
+    """A causal LM conditioned on a latent z through a key/value prefix in every attention layer.
+
+    Holds three parts: `language_model` (the base `*ForCausalLM`, usually frozen), `latent_encoder` (the posterior
+    q(z|x,y), reading the base's own token embeddings) and `latent_adapter` (z -> prefix). Build one around a
+    pretrained base with [`~PrefAlignForCausalLM.from_base`].
+
+    Positions: real tokens get the positions the base would give them without a prefix (0, 1, ... after left
+    padding); the prefix slots are position-free. Training forward passes and `generate` use the same convention.
+    """
+
+    def __init__(self, config: PrefAlignConfig, base_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        if config.text_config is None:
+            raise ValueError("PrefAlignConfig.text_config is None: the backbone needs its base model's config.")
+        self.layout = get_decoder_layout(config.text_config.model_type)
+        if base_model is None:
+            base_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            _check_base_matches(config.text_config, base_model.config, where="passed to PrefAlignForCausalLM")
+            # The base is already initialised (pretrained): keep `post_init` from re-initialising it.
+            for module in base_model.modules():
+                module._is_hf_initialized = True
+        self.language_model = base_model
+        self._check_cache_layers()
+        self.latent_encoder = LatentEncoder(config)
+        self.latent_adapter = LatentAdapter(config)
+        self._latent_enabled = True
+        self.post_init()
+        if base_model.generation_config is not None:
+            self.generation_config = copy.deepcopy(base_model.generation_config)
+
+    def _check_cache_layers(self) -> None:
+        cache = DynamicCache(config=self.config.text_config)
+        if any(cache.is_sliding):
+            raise ValueError(
+                f"The base model ({self.config.text_config.model_type}) uses sliding-window attention layers, which "
+                "would evict the latent prefix from the cache. Disable the sliding window in its config "
+                "(e.g. `sliding_window=None`) or use a full-attention base."
+            )
+
+    # ------------------------------------------------------------------
+    # Construction
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_base(
+        cls,
+        base_model_or_path: PreTrainedModel | str,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        freeze_base: bool = True,
+        revision: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        **latent_options: Any,
+    ) -> PrefAlignForCausalLM:
+        """Wrap a pretrained causal LM into a fresh (untrained) backbone.
+
+        Args:
+            base_model_or_path (`PreTrainedModel` or `str`):
+                A loaded `*ForCausalLM`, a Hub id, a local path, or `"embedded:SmolLM2-135M-Instruct-Q4_1"`.
+            tokenizer (`PreTrainedTokenizerBase`, *optional*):
+                If given, checked against the base's vocabulary (see [`~PrefAlignForCausalLM.check_tokenizer`]).
+            freeze_base (`bool`, *optional*, defaults to `True`):
+                Freeze the base LM (the default CLaP recipe trains only the latent modules).
+            revision (`str`, *optional*): Hub revision when loading by name.
+            dtype (`torch.dtype` or `str`, *optional*): dtype when loading by name.
+            **latent_options: `latent_dim`, `num_prefix_slots`, `num_encoder_layers`, `num_encoder_queries`,
+                `adapter_init_std` (see [`PrefAlignConfig`]).
+
+        Example:
+
+        ```python
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from hf_prefalign import PrefAlignForCausalLM
+        >>> base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64))
+        >>> model = PrefAlignForCausalLM.from_base(base, latent_dim=8)
+        >>> model.posterior(torch.tensor([[1, 2, 3]])).mean.shape
+        torch.Size([1, 8])
+        ```
+        """
+        unknown = sorted(set(latent_options) - set(_LATENT_OPTIONS))
+        if unknown:
+            raise TypeError(f"Unknown latent option(s) {unknown}; expected some of {list(_LATENT_OPTIONS)}.")
+        if isinstance(base_model_or_path, (str, os.PathLike)):
+            base = load_base_model(str(base_model_or_path), revision=revision, dtype=dtype)
+        elif isinstance(base_model_or_path, PrefAlignForCausalLM):
+            raise TypeError("The base model is already a PrefAlignForCausalLM; pass its `get_base_model()` instead.")
+        elif isinstance(base_model_or_path, PreTrainedModel):
+            base = base_model_or_path
+        else:
+            raise TypeError(
+                f"`base_model_or_path` must be a PreTrainedModel or a name/path, got {type(base_model_or_path).__name__}."
+            )
+        if not isinstance(base, GenerationMixin) or base.get_output_embeddings() is None:
+            raise ValueError(
+                f"The base model ({type(base).__name__}) has no causal-LM head. Load it with "
+                "`AutoModelForCausalLM.from_pretrained(...)` rather than `AutoModel`."
+            )
+        config = PrefAlignConfig(
+            text_config=base.config,
+            base_model_name_or_path=base.name_or_path or None,
+            base_model_revision=revision,
+            # Without this, building the config would reset the (shared) base config's attention implementation.
+            attn_implementation=base.config._attn_implementation,
+            **latent_options,
+        )
+        model = cls(config, base_model=base)
+        model.latent_encoder.init_from_base(base)
+        model.latent_adapter.init_from_base(base, token_id=_sink_token_id(base.config))
+        if freeze_base:
+            model.freeze_base()
+        if tokenizer is not None:
+            model.check_tokenizer(tokenizer)
+        return model
+
+    # ------------------------------------------------------------------
+    # Wrapper ergonomics (PEFT-style)
+    # ------------------------------------------------------------------
+    def get_base_model(self) -> PreTrainedModel:
+        """The wrapped base `*ForCausalLM`."""
+        return self.language_model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def freeze_base(self) -> None:
+        """Stop gradients to the base LM (its token embeddings, shared with the encoder, included)."""
+        self.language_model.requires_grad_(False)
+
+    def unfreeze_base(self) -> None:
+        self.language_model.requires_grad_(True)
+
+    @property
+    def is_base_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.language_model.parameters())
+
+    def latent_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the latent encoder and adapter (never the shared token embeddings)."""
+        for name in LATENT_MODULES:
+            yield from getattr(self, name).parameters()
+
+    def num_latent_parameters(self) -> int:
+        return sum(p.numel() for p in self.latent_parameters())
+
+    def print_trainable_parameters(self) -> None:
+        """Print trainable / total parameter counts, like PEFT's method of the same name."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    @contextlib.contextmanager
+    def disable_latent(self) -> Iterator[None]:
+        """Context manager in which the model runs as its plain base LM (no prefix at all)."""
+        previous, self._latent_enabled = self._latent_enabled, False
+        try:
+            yield
+        finally:
+            self._latent_enabled = previous
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Raise a `ValueError` if `tokenizer` cannot belong to the base model."""
+        rows = self.get_input_embeddings().num_embeddings
+        if len(tokenizer) > rows:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the base model's embedding table has {rows} rows: "
+                f"this tokenizer ({tokenizer.name_or_path!r}) does not belong to the base model "
+                f"({self.config.base_model_name_or_path!r}). Load the base model's own tokenizer."
+            )
+        for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            token_id = getattr(tokenizer, attr, None)
+            if token_id is not None and token_id >= rows:
+                raise ValueError(f"tokenizer.{attr}={token_id} is outside the base model's vocabulary (size {rows}).")
+        base_eos = self.generation_config.eos_token_id if self.generation_config is not None else None
+        base_eos = {base_eos} if isinstance(base_eos, int) else set(base_eos or [])
+        if base_eos and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in base_eos:
+            raise ValueError(
+                f"tokenizer.eos_token_id={tokenizer.eos_token_id} is not the base model's end-of-sequence token "
+                f"({sorted(base_eos)}): the tokenizer and the base model do not match."
+            )
+
+    # ------------------------------------------------------------------
+    # Latent side
+    # ------------------------------------------------------------------
+    def posterior(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> DiagonalGaussian:
+        """q(z | x, y) for token sequences (prompt + response, or a prompt alone).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, T)`): token ids, padded on either side.
+            attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for real tokens.
+
+        Returns:
+            [`DiagonalGaussian`] with `mean` and `logvar` of shape `(B, Z)`, in fp32.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.latent_encoder(self.get_input_embeddings()(input_ids), attention_mask)
+
+    def encode_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's query outputs `(B, Q, hidden)` for `(B, T)` tokens (used to feed per-user priors)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.latent_encoder.features(self.get_input_embeddings()(input_ids), attention_mask)
+
+    def build_prefix_cache(self, latents: torch.Tensor) -> DynamicCache:
+        """A fresh cache whose every layer holds the `(B, H_kv, P, D)` prefix for `latents` `(B, Z)`."""
+        cache = DynamicCache(config=self.config.text_config)
+        return self.latent_adapter(latents, self.language_model, self.layout, cache)
+
+    def _resolve_latents(self, latents: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Check `latents` and return them as `(B, Z)`; `None` means z = 0, the mean of the N(0, I) prior."""
+        latent_dim = self.config.latent_dim
+        if latents is None:
+            return torch.zeros(batch_size, latent_dim, device=device)
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(
+                f"`latents` must be a torch.Tensor of shape (batch, {latent_dim}), got {type(latents).__name__}."
+            )
+        if latents.dim() == 1 and latents.shape[0] == latent_dim:
+            return latents.to(device).unsqueeze(0).expand(batch_size, -1)  # one z for every row
+        if latents.dim() != 2 or latents.shape[1] != latent_dim:
+            raise ValueError(
+                f"`latents` must have shape (batch, {latent_dim}) or ({latent_dim},), got {tuple(latents.shape)}."
+            )
+        if latents.shape[0] != batch_size:
+            raise ValueError(
+                f"`latents` has batch size {latents.shape[0]} but the inputs have batch size {batch_size}."
+            )
+        return latents.to(device)
+
+    # ------------------------------------------------------------------
+    # Forward and generation
+    # ------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: DynamicCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        latents: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        r"""Run the base LM under the prefix of `latents`.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, T)`): tokens not yet in `cache`.
+            attention_mask (`torch.Tensor` of shape `(B, T_past + T)`, *optional*):
+                Mask over real tokens only (past and current); the prefix slots are added internally.
+            position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*):
+                Positions of the real tokens; by default counted from the first unpadded token.
+            cache (`DynamicCache`, *optional*):
+                A cache returned by an earlier call (it already holds the prefix). When empty or `None`, the
+                prefix for `latents` is written into a new one.
+            labels (`torch.LongTensor` of shape `(B, T)`, *optional*): targets, `-100` where ignored.
+            latents (`torch.Tensor` of shape `(B, Z)` or `(Z,)`, *optional*):
+                The latent z per row; `None` means z = 0 (the prior's mean). Ignored when `cache` already holds a prefix.
+            use_cache (`bool`, *optional*): return the cache (defaults to `True` in eval mode, `False` in training).
+            logits_to_keep (`int` or `torch.Tensor`, *optional*): as in transformers' causal LMs.
+
+        Returns:
+            `CausalLMOutputWithPast`, with the loss averaged over labelled tokens when `labels` is given.
+        """
+        if not self._latent_enabled:
+            return self.language_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens is None:
+            raise ValueError("Pass either `input_ids` or `inputs_embeds`.")
+        batch_size, length = tokens.shape[:2]
+        device = tokens.device
+        if use_cache is None:
+            use_cache = not self.training and getattr(self.config.text_config, "use_cache", True)
+
+        num_prefix = self.config.num_prefix_slots
+        if cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+        if cache.get_seq_length() == 0:
+            z = self._resolve_latents(latents, batch_size, device)
+            self.latent_adapter(z, self.language_model, self.layout, cache)
+        num_past_tokens = cache.get_seq_length() - num_prefix  # real tokens already cached
+
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, num_past_tokens + length, dtype=torch.long, device=device)
+        elif attention_mask.shape != (batch_size, num_past_tokens + length):
+            raise ValueError(
+                f"`attention_mask` must cover the {num_past_tokens} cached and {length} new tokens "
+                f"(shape ({batch_size}, {num_past_tokens + length})), got {tuple(attention_mask.shape)}."
+            )
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]  # (B, T)
+        # The base sees the prefix as P always-visible cache entries in front of the real tokens.
+        full_mask = torch.cat(
+            [attention_mask.new_ones(batch_size, num_prefix), attention_mask], dim=-1
+        )  # (B, P+T_past+T)
+
+        outputs = self.language_model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return CausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            cache=cache if use_cache else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, latents: torch.Tensor | None = None, **kwargs: Any):
+        """`GenerationMixin.generate`, decoding row i under the latent `latents[i]`.
+
+        Args:
+            latents (`torch.Tensor` of shape `(B, Z)` or `(Z,)`, *optional*): z per row; `None` means z = 0.
+            **kwargs: everything `transformers`' `generate` accepts.
+        """
+        if self._latent_enabled:
+            tokens = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            if tokens is not None:
+                # Normalise to (B, Z) here: generate's own expansion for num_return_sequences / beams assumes it.
+                latents = self._resolve_latents(latents, tokens.shape[0], tokens.device)
+                kwargs["latents"] = latents
+        elif latents is not None:
+            raise ValueError("`latents` were given inside `disable_latent()`, where the model runs without z.")
+        return super().generate(inputs, **kwargs)
+
+    # ------------------------------------------------------------------
+    # Saving and loading
+    # ------------------------------------------------------------------
+    def latent_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The latent modules' tensors, named as in this model's `state_dict()`."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        return {name: tensor for name, tensor in state_dict.items() if name.split(".", 1)[0] in LATENT_MODULES}
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        save_base: bool | None = None,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Save the backbone; every file is written to a temporary name and renamed into place.
+
+        A backbone whose base is frozen saves only the latent modules plus a reference to the base (its name or path,
+        revision and config), like a PEFT adapter. A backbone whose base has trainable parameters also saves the base,
+        whole, in the `base_model/` sub-folder.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): target directory (created if needed).
+            state_dict (`dict`, *optional*): tensors to save instead of `self.state_dict()` (latent entries only are used).
+            save_base (`bool`, *optional*): force saving (or not) the full base; by default, saved iff not frozen.
+            is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes.
+        """
+        if push_to_hub:
+            raise ValueError(
+                "`save_pretrained(push_to_hub=True)` is not supported; call `model.push_to_hub(repo_id)`."
+            )
+        ignored = sorted(set(kwargs) - {"safe_serialization", "max_shard_size", "variant", "token"})
+        if ignored:
+            logger.warning(f"PrefAlignForCausalLM.save_pretrained ignores {ignored}.")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory ({save_directory}) must be a directory, not a file.")
+        if not is_main_process:
+            return
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        save_base = (not self.is_base_frozen) if save_base is None else save_base
+
+        latent_tensors = self.latent_state_dict(state_dict)
+        metadata = {"format": "pt", "hf_prefalign_version": __version__}
+        save_tensors_atomic(latent_tensors, save_directory / WEIGHTS_NAME, metadata=metadata)
+
+        base_dir = save_directory / BASE_MODEL_SUBFOLDER
+        if save_base:
+            with atomic_directory(base_dir) as tmp:
+                self.language_model.save_pretrained(tmp)
+        elif base_dir.is_dir():
+            # A stale full base from an earlier save would contradict the config written below.
+            shutil.rmtree(base_dir)
+
+        if self.generation_config is not None:
+            write_json_atomic(self.generation_config.to_dict(), save_directory / GENERATION_CONFIG_NAME)
+        config = copy.deepcopy(self.config)
+        config.base_included = save_base
+        config.architectures = [type(self).__name__]
+        # Written last: a directory with a config.json is a complete checkpoint.
+        write_json_atomic(json.loads(config.to_json_string(use_diff=False)), save_directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        config: PrefAlignConfig | None = None,
+        base_model: PreTrainedModel | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        dtype: torch.dtype | str | None = None,
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> PrefAlignForCausalLM:
+        """Load a backbone saved by [`~PrefAlignForCausalLM.save_pretrained`] (also via `AutoModelForCausalLM`).
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): local directory or Hub repo id.
+            base_model (`PreTrainedModel`, *optional*):
+                The base LM to attach, instead of loading the one the checkpoint references.
+            revision, token, cache_dir, local_files_only: Hub download options (`HF_HUB_OFFLINE` is honoured).
+            dtype (`torch.dtype` or `str`, *optional*): dtype of the loaded model.
+            is_trainable (`bool`, *optional*, defaults to `False`):
+                Load in training mode. A frozen-base checkpoint keeps its base frozen either way.
+        """
+        torch_dtype = kwargs.pop("torch_dtype", None)  # the pre-5.0 name of `dtype`
+        dtype = dtype if dtype is not None else torch_dtype
+        for hub_only in ("force_download", "proxies", "subfolder", "_commit_hash", "_from_auto", "trust_remote_code"):
+            kwargs.pop(hub_only, None)
+        if kwargs:
+            logger.warning(f"PrefAlignForCausalLM.from_pretrained ignores {sorted(kwargs)}.")
+        if model_args:
+            raise TypeError(f"Unexpected positional arguments {model_args}.")
+        directory = _resolve_checkpoint_dir(
+            pretrained_model_name_or_path,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        if config is None:
+            config = _load_config(directory)
+
+        if base_model is None:
+            if config.base_included:
+                base_model = AutoModelForCausalLM.from_pretrained(directory / BASE_MODEL_SUBFOLDER, dtype=dtype)
+            elif config.base_model_name_or_path is None:
+                raise OSError(
+                    f"The backbone at {directory} was saved without its base model and records no base reference. "
+                    "Pass the base with `base_model=...`."
+                )
+            else:
+                try:
+                    base_model = load_base_model(
+                        config.base_model_name_or_path,
+                        revision=config.base_model_revision,
+                        dtype=dtype,
+                    )
+                except (OSError, ImportError) as err:
+                    raise OSError(
+                        f"The backbone at {directory} references the base model "
+                        f"{config.base_model_name_or_path!r}, which could not be loaded: {err}"
+                    ) from err
+        _check_base_matches(config.text_config, base_model.config, where=f"loaded for {directory}")
+        config.text_config = base_model.config
+        model = cls(config, base_model=base_model)
+
+        weights = load_tensors(directory / WEIGHTS_NAME)
+        expected = set(model.latent_state_dict())
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        if missing or unexpected:
+            raise OSError(
+                f"{directory / WEIGHTS_NAME} does not hold this backbone's latent weights "
+                f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}). The file is corrupt or from another model."
+            )
+        for name, tensor in weights.items():
+            if tensor.shape != model.state_dict()[name].shape:
+                raise OSError(
+                    f"{directory / WEIGHTS_NAME}: tensor {name} has shape {tuple(tensor.shape)}, expected "
+                    f"{tuple(model.state_dict()[name].shape)}."
+                )
+        model.load_state_dict(weights, strict=False)
+        if dtype is not None:
+            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        if not config.base_included:
+            model.freeze_base()
+        if (directory / GENERATION_CONFIG_NAME).is_file():
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        model.train(is_trainable)
+        return model
+
+
+def _sink_token_id(text_config: Any) -> int:
+    """The token whose position-0 state seeds the prefix slots: BOS when the base has one in its vocabulary."""
+    for attr in ("bos_token_id", "eos_token_id"):
+        token_id = getattr(text_config, attr, None)
+        if isinstance(token_id, list):
+            token_id = token_id[0] if token_id else None
+        if isinstance(token_id, int) and 0 <= token_id < text_config.vocab_size:
+            return token_id
+    return 0
+
+
+def _resolve_checkpoint_dir(
+    name_or_path: str | os.PathLike,
+    revision: str | None,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike | None,
+    local_files_only: bool,
+) -> Path:
+    """A local checkpoint directory, downloading a Hub repo snapshot when needed."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    try:
+        return Path(
+            snapshot_download(
+                str(name_or_path),
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only or HF_HUB_OFFLINE,
+            )
+        )
+    except Exception as err:
+        raise OSError(
+            f"{str(name_or_path)!r} is neither a local directory nor a reachable Hub repo of a PrefAlign backbone: {err}"
+        ) from err
+
+
+def _load_config(directory: Path) -> PrefAlignConfig:
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        raise OSError(f"No {CONFIG_NAME} in {directory}: this is not a saved PrefAlign backbone.")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise OSError(f"{config_file} is not valid JSON ({err}); the checkpoint is corrupt.") from err
+    if raw.get("model_type") != PrefAlignConfig.model_type:
+        raise ValueError(
+            f"{directory} holds a {raw.get('model_type')!r} model, not a PrefAlign backbone (model_type 'prefalign'). "
+            "To wrap a plain causal LM, use `PrefAlignForCausalLM.from_base(...)`."
+        )
+    return PrefAlignConfig.from_dict(raw)
+
+
+def load_default_backbone(**latent_options: Any) -> tuple[PrefAlignForCausalLM, PreTrainedTokenizerBase]:
+    """A fresh backbone around the embedded default model (SmolLM2-135M-Instruct) and its tokenizer."""
+    base, tokenizer = load_default_base()
+    return PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer, **latent_options), tokenizer
+
+
+__all__ = ["PrefAlignForCausalLM", "PrefAlignPreTrainedModel", "load_default_backbone"]
