@@ -57,13 +57,19 @@ def test_trainer_trains_the_backbone_and_reload_is_identical(default_base, tmp_p
     texts = ["The sky is blue today.", "I like tea with lemon.", "Rain is expected tomorrow.", "Cats sleep a lot."]
     encoded = tokenizer(texts, padding="max_length", max_length=12, truncation=True)
     encoded["labels"] = [
-        [tok if mask else -100 for tok, mask in zip(ids, masks)]
-        for ids, masks in zip(encoded["input_ids"], encoded["attention_mask"])
+        [tok if mask else -100 for tok, mask in zip(ids, masks, strict=True)]
+        for ids, masks in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
     ]
     adapter_before = backbone.latent_adapter.bias.detach().clone()  # z = 0 here: only the bias gets gradients
     args = TrainingArguments(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=backbone, args=args, train_dataset=Dataset.from_dict(dict(encoded)))
     result = trainer.train()
@@ -78,5 +84,6 @@ def test_trainer_trains_the_backbone_and_reload_is_identical(default_base, tmp_p
     latents = torch.randn(2, backbone.config.latent_dim)
     settings = {"max_new_tokens": 12, "do_sample": False}
     assert torch.equal(
-        backbone.generate(**inputs, latents=latents, **settings), reloaded.generate(**inputs, latents=latents, **settings)
+        backbone.generate(**inputs, latents=latents, **settings),
+        reloaded.generate(**inputs, latents=latents, **settings),
     )

@@ -31,8 +31,9 @@ def _word_tokenizer(size: int, eos: str = "<eos>") -> PreTrainedTokenizerFast:
 
 
 def test_base_without_lm_head():
-    headless = LlamaModel(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, vocab_size=VOCAB))
+    headless = LlamaModel(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
+    )
     with pytest.raises(ValueError, match="no causal-LM head"):
         PrefAlignForCausalLM.from_base(headless)
 
@@ -88,15 +89,30 @@ def test_tokenizer_that_does_not_match_the_base():
 
 
 def test_unsupported_architecture_lists_the_supported_ones():
-    opt = OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                                   vocab_size=VOCAB, word_embed_proj_dim=32))
+    opt = OPTForCausalLM(
+        OPTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            word_embed_proj_dim=32,
+        )
+    )
     with pytest.raises(ValueError, match="'opt'.*Supported model types: gpt2, llama"):
         PrefAlignForCausalLM.from_base(opt)
 
 
 def test_sliding_window_base_is_rejected_and_full_attention_accepted():
-    config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=VOCAB, sliding_window=16)
+    config = MistralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        sliding_window=16,
+    )
     with pytest.raises(ValueError, match="sliding-window"):
         PrefAlignForCausalLM.from_base(MistralForCausalLM(config))
     config.sliding_window = None

@@ -75,7 +75,9 @@ def test_full_forward_equals_step_by_step_decoding(backbone):
         prefill = backbone(input_ids[:, :3], attention_mask=attention_mask[:, :3], latents=latents, use_cache=True)
         steps, cache = [prefill.logits], prefill.cache
         for t in range(3, input_ids.shape[1]):
-            out = backbone(input_ids[:, t : t + 1], attention_mask=attention_mask[:, : t + 1], cache=cache, use_cache=True)
+            out = backbone(
+                input_ids[:, t : t + 1], attention_mask=attention_mask[:, : t + 1], cache=cache, use_cache=True
+            )
             steps.append(out.logits)
             cache = out.cache
     stepwise = torch.cat(steps, dim=1)
@@ -100,7 +102,9 @@ def test_left_padded_batch_generation_equals_rowwise(backbone):
     settings = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     batched = backbone.generate(input_ids=input_ids, attention_mask=attention_mask, latents=latents, **settings)
     for row, length in enumerate(lengths):
-        alone = backbone.generate(input_ids=input_ids[row : row + 1, -length:], latents=latents[row : row + 1], **settings)
+        alone = backbone.generate(
+            input_ids=input_ids[row : row + 1, -length:], latents=latents[row : row + 1], **settings
+        )
         assert torch.equal(batched[row, -6:], alone[0, -6:]), f"row {row} differs"
 
 
@@ -110,15 +114,23 @@ def test_generate_follows_the_latent(backbone):
     latents = torch.randn(2, LATENT_DIM)
     settings = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     out = backbone.generate(
-        input_ids=input_ids, attention_mask=attention_mask, latents=latents,
-        return_dict_in_generate=True, output_logits=True, **settings,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        latents=latents,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **settings,
     )
     first_step = out.logits[0]  # (B, V): same prompt, different z per row
     assert (first_step[0] - first_step[1]).abs().max() > 1e-4
     # One shared latent `(Z,)` is broadcast to every row, also with num_return_sequences.
     shared = backbone.generate(
-        input_ids=input_ids[:1], attention_mask=attention_mask[:1], latents=latents[1],
-        num_return_sequences=2, return_dict_in_generate=True, output_logits=True,
+        input_ids=input_ids[:1],
+        attention_mask=attention_mask[:1],
+        latents=latents[1],
+        num_return_sequences=2,
+        return_dict_in_generate=True,
+        output_logits=True,
         **{**settings, "do_sample": True},  # greedy forbids several return sequences; raw logits are the same
     )
     torch.testing.assert_close(shared.logits[0][0], first_step[1])
@@ -145,7 +157,8 @@ def test_encoder_shares_the_frozen_embedding_table(backbone):
         assert parameter.data_ptr() != embedding.weight.data_ptr(), name
         assert parameter.shape != embedding.weight.shape, f"{name} looks like a copy of the token table"
     token_tables = [
-        m for m in backbone.latent_encoder.modules()
+        m
+        for m in backbone.latent_encoder.modules()
         if isinstance(m, torch.nn.Embedding) and m.num_embeddings == embedding.num_embeddings
     ]
     assert token_tables == []

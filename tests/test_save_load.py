@@ -56,7 +56,7 @@ def test_frozen_base_round_trip(saved_base_path, tmp_path):
         reloaded = loader.from_pretrained(tmp_path / "backbone")
         assert isinstance(reloaded, PrefAlignForCausalLM)
         assert reloaded.is_base_frozen
-        for a, b in zip(_outputs(model), _outputs(reloaded)):
+        for a, b in zip(_outputs(model), _outputs(reloaded), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -70,7 +70,7 @@ def test_trained_base_is_saved_whole(base, tmp_path):
     assert json.loads((tmp_path / "backbone" / "config.json").read_text())["base_included"] is True
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "backbone")
-    for a, b in zip(_outputs(model), _outputs(reloaded)):
+    for a, b in zip(_outputs(model), _outputs(reloaded), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -89,7 +89,7 @@ def test_explicit_base_model_argument(base, tmp_path):
     _train_latent_modules(model)
     model.save_pretrained(tmp_path / "backbone")
     reloaded = PrefAlignForCausalLM.from_pretrained(tmp_path / "backbone", base_model=model.get_base_model())
-    for a, b in zip(_outputs(model), _outputs(reloaded)):
+    for a, b in zip(_outputs(model), _outputs(reloaded), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
