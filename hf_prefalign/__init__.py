@@ -9,6 +9,15 @@ __version__ = "0.1.0.dev0"
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from .configuration_prefalign import PrefAlignConfig  # noqa: E402
+from .data import (  # noqa: E402
+    DataCollatorForResponseGroups,
+    ResponsePoolConfig,
+    as_response_pool,
+    build_response_pool,
+    load_bundled_prompts,
+    load_response_pool,
+    save_response_pool,
+)
 from .loading import default_cache_dir, load_base_model, load_default_base  # noqa: E402
 from .modeling import (  # noqa: E402
     DiagonalGaussian,
@@ -18,21 +27,31 @@ from .modeling import (  # noqa: E402
     PrefAlignPreTrainedModel,
     load_default_backbone,
 )
+from .trainer import CLaPConfig, CLaPTrainer  # noqa: E402
 
 
 AutoConfig.register(PrefAlignConfig.model_type, PrefAlignConfig, exist_ok=True)
 AutoModelForCausalLM.register(PrefAlignConfig, PrefAlignForCausalLM, exist_ok=True)
 
 __all__ = [
+    "CLaPConfig",
+    "CLaPTrainer",
+    "DataCollatorForResponseGroups",
     "DiagonalGaussian",
     "LatentAdapter",
     "LatentEncoder",
     "PrefAlignConfig",
     "PrefAlignForCausalLM",
     "PrefAlignPreTrainedModel",
+    "ResponsePoolConfig",
     "__version__",
+    "as_response_pool",
+    "build_response_pool",
     "default_cache_dir",
     "load_base_model",
     "load_default_backbone",
+    "load_bundled_prompts",
     "load_default_base",
+    "load_response_pool",
+    "save_response_pool",
 ]

@@ -37,6 +37,9 @@ class PrefAlignConfig(PreTrainedConfig):
             Learned query vectors appended to the encoder's input; their outputs parameterise q(z|x,y).
         adapter_init_std (`float`, *optional*, defaults to 0.02):
             Standard deviation of the latent adapter's initial weights.
+        gradient_skip_path (`bool`, *optional*, defaults to `False`):
+            Add a gradient-only path z -> final hidden state (zero in the forward pass) that helps the encoder learn
+            while the base LM is frozen. Active only in training mode.
         base_included (`bool`, *optional*, defaults to `False`):
             Set by `save_pretrained`: whether the checkpoint holds the full base LM (trained base) or only a reference
             to it (frozen base).
@@ -65,6 +68,7 @@ class PrefAlignConfig(PreTrainedConfig):
     num_encoder_layers: int = 2
     num_encoder_queries: int = 4
     adapter_init_std: float = 0.02
+    gradient_skip_path: bool = False
     base_included: bool = False
 
     def __post_init__(self, **kwargs):

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -87,3 +91,42 @@ def left_padded_batch(lengths: list[int], pad_id: int = 0, seed: int = 1) -> tup
         input_ids[row, width - length :] = torch.randint(3, VOCAB, (length,), generator=generator)
         attention_mask[row, width - length :] = 1
     return input_ids, attention_mask
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<bos> {{ message['role'] }} {{ message['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}<bos> assistant {% endif %}"
+)
+
+
+def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary: <pad>, <bos>, <eos>, user, assistant, w5 ... w95."""
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "user": 3, "assistant": 4, **{f"w{i}": i for i in range(5, VOCAB)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def random_words(generator: torch.Generator, low: int = 3, high: int = 8) -> str:
+    length = int(torch.randint(low, high, (1,), generator=generator))
+    return " ".join(f"w{int(i)}" for i in torch.randint(5, VOCAB, (length,), generator=generator))
+
+
+def make_tiny_pool(num_prompts: int = 6, num_responses: int = 4, seed: int = 0, chat: bool = False) -> Dataset:
+    """A response pool of random word sequences (chat-message prompts when `chat`)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(num_prompts):
+        text = random_words(generator)
+        prompt = [{"role": "user", "content": text}] if chat else text
+        rows.append({"prompt": prompt, "responses": [random_words(generator) for _ in range(num_responses)]})
+    return Dataset.from_list(rows)
+
+
+@pytest.fixture
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tiny_tokenizer()

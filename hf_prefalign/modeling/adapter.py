@@ -30,6 +30,8 @@ class LatentAdapter(nn.Module):
         slots_width = self.num_slots * self.hidden_size
         self.weight = nn.Parameter(torch.empty(self.num_layers, slots_width, config.latent_dim))  # (L, P*hidden, Z)
         self.bias = nn.Parameter(torch.empty(self.num_layers, slots_width))  # (L, P*hidden)
+        # Gradient-only shortcut z -> final hidden state (see `skip_gradient`); None unless configured.
+        self.skip = nn.Linear(config.latent_dim, self.hidden_size, bias=False) if config.gradient_skip_path else None
 
     @torch.no_grad()
     def init_from_base(self, base_model: PreTrainedModel, token_id: int) -> None:
@@ -63,6 +65,11 @@ class LatentAdapter(nn.Module):
             keys, values = layout.project(layer, states[:, layer_idx].to(_module_dtype(layer)))  # 2 x (B, H_kv, P, D)
             cache.update(keys, values, layer_idx)
         return cache
+
+    def skip_gradient(self, latents: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Add `skip(z) - skip(z).detach()` to `(B, T, hidden)` states: zero in value, a direct gradient to z."""
+        shortcut = self.skip(latents.to(self.skip.weight.dtype)).unsqueeze(1)  # (B, 1, hidden)
+        return hidden_states + (shortcut - shortcut.detach()).to(hidden_states.dtype)
 
 
 def _module_dtype(module: nn.Module) -> torch.dtype:

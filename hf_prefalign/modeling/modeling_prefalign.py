@@ -98,6 +98,8 @@ class PrefAlignPreTrainedModel(PreTrainedModel):
         elif isinstance(module, LatentAdapter):
             init.normal_(module.weight, mean=0.0, std=self.config.adapter_init_std)
             init.normal_(module.bias, mean=0.0, std=self.config.adapter_init_std)
+            if module.skip is not None:
+                init.normal_(module.skip.weight, mean=0.0, std=self.config.adapter_init_std)
 
 
 class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
@@ -131,6 +133,16 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         self.post_init()
         if base_model.generation_config is not None:
             self.generation_config = copy.deepcopy(base_model.generation_config)
+
+    def enable_gradient_skip_path(self) -> None:
+        """Add the gradient-only shortcut z -> final hidden state (see [`PrefAlignConfig.gradient_skip_path`])."""
+        if self.latent_adapter.skip is not None:
+            return
+        self.config.gradient_skip_path = True
+        adapter = self.latent_adapter
+        skip = nn.Linear(self.config.latent_dim, adapter.hidden_size, bias=False)
+        nn.init.normal_(skip.weight, std=self.config.adapter_init_std)
+        adapter.skip = skip.to(device=adapter.weight.device, dtype=adapter.weight.dtype)
 
     def _check_cache_layers(self) -> None:
         cache = DynamicCache(config=self.config.text_config)
@@ -399,6 +411,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         num_prefix = self.config.num_prefix_slots
         if cache is None:
             cache = DynamicCache(config=self.config.text_config)
+        z = None
         if cache.get_seq_length() == 0:
             z = self._resolve_latents(latents, batch_size, device)
             self.latent_adapter(z, self.language_model, self.layout, cache)
@@ -418,23 +431,47 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             [attention_mask.new_ones(batch_size, num_prefix), attention_mask], dim=-1
         )  # (B, P+T_past+T)
 
-        outputs = self.language_model(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=full_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        base_inputs = {
+            "input_ids": input_ids,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": full_mask,
+            "position_ids": position_ids,
+            "cache": cache,
+            "use_cache": use_cache,
+        }
+        if self.latent_adapter.skip is not None and self.training and z is not None and torch.is_grad_enabled():
+            outputs = self._forward_with_skip_gradient(z, base_inputs, labels, logits_to_keep, **kwargs)
+        else:
+            outputs = self.language_model(**base_inputs, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
         return CausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
             cache=cache if use_cache else None,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+        )
+
+    def _forward_with_skip_gradient(
+        self,
+        latents: torch.Tensor,
+        base_inputs: dict[str, Any],
+        labels: torch.Tensor | None,
+        logits_to_keep: int | torch.Tensor,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """The base's forward, split at the final hidden state to add the gradient-only shortcut from z."""
+        outputs = self.language_model.base_model(**base_inputs, **kwargs)
+        hidden = self.latent_adapter.skip_gradient(latents, outputs.last_hidden_state)  # (B, T, hidden)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.language_model.get_output_embeddings()(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.language_model.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
     @torch.no_grad()
@@ -520,6 +557,24 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         # Written last: a directory with a config.json is a complete checkpoint.
         write_json_atomic(json.loads(config.to_json_string(use_diff=False)), save_directory / CONFIG_NAME)
 
+    def load_latent_weights(self, path: str | os.PathLike) -> None:
+        """Load the latent modules' tensors from a safetensors file written by `save_pretrained` (strict)."""
+        path = Path(path)
+        weights = load_tensors(path)
+        own = self.latent_state_dict()
+        missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        if missing or unexpected:
+            raise OSError(
+                f"{path} does not hold this backbone's latent weights (missing: {missing[:5]}, unexpected: "
+                f"{unexpected[:5]}). The file is corrupt or from another model."
+            )
+        for name, tensor in weights.items():
+            if tensor.shape != own[name].shape:
+                raise OSError(
+                    f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}."
+                )
+        self.load_state_dict(weights, strict=False)
+
     @classmethod
     def from_pretrained(
         cls,
@@ -588,21 +643,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         config.text_config = base_model.config
         model = cls(config, base_model=base_model)
 
-        weights = load_tensors(directory / WEIGHTS_NAME)
-        expected = set(model.latent_state_dict())
-        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        if missing or unexpected:
-            raise OSError(
-                f"{directory / WEIGHTS_NAME} does not hold this backbone's latent weights "
-                f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}). The file is corrupt or from another model."
-            )
-        for name, tensor in weights.items():
-            if tensor.shape != model.state_dict()[name].shape:
-                raise OSError(
-                    f"{directory / WEIGHTS_NAME}: tensor {name} has shape {tuple(tensor.shape)}, expected "
-                    f"{tuple(model.state_dict()[name].shape)}."
-                )
-        model.load_state_dict(weights, strict=False)
+        model.load_latent_weights(directory / WEIGHTS_NAME)
         if dtype is not None:
             model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         if not config.base_included:

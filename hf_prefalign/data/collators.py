@@ -1,0 +1,75 @@
+"""Collators: turn tokenized dataset rows into padded tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class DataCollatorForResponseGroups:
+    """Flattens prompt groups into one batch of prompt + response sequences.
+
+    Each feature is one prompt with all its responses (`prompt_input_ids`: `list[int]`, `responses_input_ids`:
+    `list[list[int]]`, responses ending with EOS). Because a dataset row is a whole group, any sampler (shuffled,
+    distributed, with gradient accumulation) yields whole groups: no stateful wrapper is needed.
+
+    With `max_responses`, a group larger than that contributes a random subset of its responses (bounding the cost of
+    a step; contrastive negatives still come from the same prompt).
+
+    Returns `input_ids`, `attention_mask` and `labels` of shape `(N, T)` (right padding; prompt tokens and padding
+    labelled -100) and `group_index` `(N,)`, the position of each sequence's prompt in the batch.
+
+    Example:
+
+    ```python
+    >>> collator = DataCollatorForResponseGroups(pad_token_id=0)
+    >>> batch = collator([{"prompt_input_ids": [5, 6], "responses_input_ids": [[7, 2], [8, 9, 2]]}])
+    >>> batch["input_ids"]
+    tensor([[5, 6, 7, 2, 0],
+            [5, 6, 8, 9, 2]])
+    >>> batch["labels"]
+    tensor([[-100, -100,    7,    2, -100],
+            [-100, -100,    8,    9,    2]])
+    >>> batch["group_index"]
+    tensor([0, 0])
+    ```
+    """
+
+    pad_token_id: int
+    label_pad_token_id: int = -100
+    max_responses: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences, labels, groups = [], [], []
+        for group, feature in enumerate(features):
+            prompt = list(feature["prompt_input_ids"])
+            responses = feature["responses_input_ids"]
+            if self.max_responses is not None and len(responses) > self.max_responses:
+                # A random subset per step (torch's RNG, which Trainer checkpoints, so resuming replays it).
+                chosen = torch.randperm(len(responses))[: self.max_responses].sort().values
+                responses = [responses[int(i)] for i in chosen]
+            for response in responses:
+                sequences.append(prompt + list(response))
+                labels.append([self.label_pad_token_id] * len(prompt) + list(response))
+                groups.append(group)
+        width = max(len(seq) for seq in sequences)
+        batch = len(sequences)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        label_ids = torch.full((batch, width), self.label_pad_token_id, dtype=torch.long)
+        for row, (seq, lab) in enumerate(zip(sequences, labels, strict=True)):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            attention_mask[row, : len(seq)] = 1
+            label_ids[row, : len(lab)] = torch.tensor(lab)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": label_ids,
+            "group_index": torch.tensor(groups, dtype=torch.long),
+        }
+
+
+__all__ = ["DataCollatorForResponseGroups"]

@@ -1,0 +1,209 @@
+"""Response pools: one-to-many data (a prompt and K responses), the input of CLaP and of simulated users.
+
+A pool is a `datasets.Dataset` with one row per prompt: `prompt` (text or chat messages) and `responses` (a list of
+strings), plus any other columns the prompts had. It can be sampled from a model, built from a TRL preference
+dataset (chosen and rejected become two responses of one prompt), or taken from an existing multi-response dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, load_from_disk
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging
+
+from ..utils.serialization import atomic_directory
+from .prompts import Prompt, response_text, tokenize_prompt
+
+
+logger = logging.get_logger(__name__)
+
+PROMPT_COLUMN = "prompt"
+RESPONSES_COLUMN = "responses"
+
+
+@dataclass
+class ResponsePoolConfig:
+    r"""
+    How a response pool is sampled.
+
+    Args:
+        num_responses (`int`, *optional*, defaults to 8): responses sampled per prompt (K).
+        max_new_tokens (`int`, *optional*, defaults to 48): length cap of each response.
+        temperature (`float`, *optional*, defaults to 1.0): sampling temperature.
+        top_k (`int`, *optional*, defaults to 50): top-k sampling (0 disables it).
+        top_p (`float`, *optional*, defaults to 1.0): nucleus sampling.
+        batch_size (`int`, *optional*, defaults to 8): prompts per `generate` call (each gives K rows).
+        seed (`int`, *optional*, defaults to 0): random seed; batch i is sampled under seed + i.
+        prompt_column (`str`, *optional*, defaults to `"prompt"`): column of the prompts dataset.
+    """
+
+    num_responses: int = field(default=8, metadata={"help": "Responses sampled per prompt (K)."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Length cap of each response, in tokens."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=50, metadata={"help": "Top-k sampling (0 disables it)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling probability mass."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generate call (each yields K rows)."})
+    seed: int = field(default=0, metadata={"help": "Random seed; batch i is sampled under seed + i."})
+    prompt_column: str = field(default=PROMPT_COLUMN, metadata={"help": "Column of the prompts dataset."})
+
+    def __post_init__(self) -> None:
+        for name in ("num_responses", "max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        if self.temperature <= 0:
+            raise ValueError(f"`temperature` must be positive, got {self.temperature}.")
+
+
+def _prompts_dataset(prompts: Dataset | list[Prompt], column: str) -> Dataset:
+    if isinstance(prompts, list):
+        prompts = Dataset.from_dict({column: prompts})
+    if len(prompts) == 0:
+        raise ValueError("The prompts dataset is empty.")
+    if column not in prompts.column_names:
+        raise ValueError(f"The prompts dataset has no {column!r} column; found columns {prompts.column_names}.")
+    return prompts
+
+
+@torch.no_grad()
+def build_response_pool(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Dataset | list[Prompt],
+    config: ResponsePoolConfig | None = None,
+    **overrides: Any,
+) -> Dataset:
+    """Sample `num_responses` responses per prompt from `model` (batched, seeded, with a progress bar).
+
+    For a [`PrefAlignForCausalLM`], responses come from its base LM (the latent prefix is disabled).
+
+    Args:
+        model (`PreTrainedModel`): the causal LM to sample from.
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer (needs a pad token).
+        prompts (`Dataset` or `list`): prompts as text or chat messages (in `config.prompt_column`).
+        config (`ResponsePoolConfig`, *optional*): sampling settings; keyword `overrides` replace single fields.
+
+    Returns:
+        `Dataset`: the prompts dataset with a `responses` column (a list of K strings per prompt).
+    """
+    config = ResponsePoolConfig(**{**(config.__dict__ if config else {}), **overrides})
+    prompts = _prompts_dataset(prompts, config.prompt_column)
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token = tokenizer.eos_token` first.")
+    disable = getattr(model, "disable_latent", None)
+    context = disable() if disable is not None else torch.no_grad()
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    responses: list[list[str]] = []
+    start = time.perf_counter()
+    num_batches = (len(prompts) + config.batch_size - 1) // config.batch_size
+    with context:
+        for batch_index in tqdm(range(num_batches), desc="Sampling responses", unit="batch"):
+            rows = prompts[batch_index * config.batch_size : (batch_index + 1) * config.batch_size][
+                config.prompt_column
+            ]
+            encoded = [tokenize_prompt(tokenizer, prompt) for prompt in rows]
+            width = max(len(ids) for ids in encoded)
+            # Left padding: every row's last prompt token sits at the same column, where generation starts.
+            input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, ids in enumerate(encoded):
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            torch.manual_seed(config.seed + batch_index)
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                do_sample=True,
+                num_return_sequences=config.num_responses,
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                top_k=config.top_k or None,
+                top_p=config.top_p,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # (rows * K, width + new), the K samples of a prompt are consecutive
+            texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+            for row in range(len(rows)):
+                group = texts[row * config.num_responses : (row + 1) * config.num_responses]
+                responses.append([text.strip() for text in group])
+    model.train(was_training)
+    seconds = time.perf_counter() - start
+    total = len(prompts) * config.num_responses
+    logger.info(f"Sampled {total} responses in {seconds:.1f}s ({total / seconds:.2f} responses/s).")
+    if RESPONSES_COLUMN in prompts.column_names:
+        prompts = prompts.remove_columns(RESPONSES_COLUMN)
+    pool = prompts.add_column(RESPONSES_COLUMN, responses)
+    if config.prompt_column != PROMPT_COLUMN:
+        pool = pool.rename_column(config.prompt_column, PROMPT_COLUMN)
+    return pool
+
+
+def _prompt_key(prompt: Prompt) -> str:
+    return json.dumps(prompt, sort_keys=True)
+
+
+def as_response_pool(dataset: Dataset) -> Dataset:
+    """Normalise a dataset into a response pool (`prompt`, `responses`).
+
+    Accepts a pool (or any multi-response dataset with `prompt` and `responses` columns) and TRL preference datasets
+    in the standard or conversational format (`prompt`, `chosen`, `rejected`): chosen and rejected become two
+    responses of their prompt, and rows that share a prompt are merged into one.
+    """
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: a response pool needs at least one prompt with responses.")
+    columns = dataset.column_names
+    if PROMPT_COLUMN in columns and RESPONSES_COLUMN in columns:
+
+        def to_text(row: dict[str, Any]) -> dict[str, Any]:
+            if not isinstance(row[RESPONSES_COLUMN], list):
+                raise ValueError(
+                    f"`responses` must hold a list of responses per prompt, got {row[RESPONSES_COLUMN]!r:.80}"
+                )
+            return {RESPONSES_COLUMN: [response_text(r) for r in row[RESPONSES_COLUMN]]}
+
+        return dataset.map(to_text, desc="Checking responses")
+    if {PROMPT_COLUMN, "chosen", "rejected"} <= set(columns):
+        groups: dict[str, dict[str, Any]] = {}
+        for row in dataset:
+            key = _prompt_key(row[PROMPT_COLUMN])
+            group = groups.setdefault(key, {PROMPT_COLUMN: row[PROMPT_COLUMN], RESPONSES_COLUMN: []})
+            for response in (response_text(row["chosen"]), response_text(row["rejected"])):
+                if response not in group[RESPONSES_COLUMN]:
+                    group[RESPONSES_COLUMN].append(response)
+        return Dataset.from_list(list(groups.values()))
+    raise ValueError(
+        f"Cannot read a response pool from columns {columns}: expected `prompt` + `responses` (one-to-many), or a "
+        "TRL preference dataset with `prompt`, `chosen` and `rejected`."
+    )
+
+
+def save_response_pool(pool: Dataset, path: str | os.PathLike) -> None:
+    """`save_to_disk`, into a temporary folder renamed into place (an interrupted save leaves no partial pool)."""
+    with atomic_directory(path) as tmp:
+        pool.save_to_disk(str(tmp))
+
+
+def load_response_pool(path: str | os.PathLike) -> Dataset:
+    """Reload a pool saved with [`save_response_pool`] (no resampling), checking its columns."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"No response pool at {path}.")
+    return as_response_pool(load_from_disk(str(path)))
+
+
+__all__ = [
+    "ResponsePoolConfig",
+    "as_response_pool",
+    "build_response_pool",
+    "load_response_pool",
+    "save_response_pool",
+]

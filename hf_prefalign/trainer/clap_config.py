@@ -1,0 +1,157 @@
+"""CLaPConfig: every hyperparameter of contrastive language-latent pretraining (stage 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class CLaPConfig(TrainingArguments):
+    r"""
+    Configuration of [`CLaPTrainer`]. Only the CLaP-specific fields are listed; the others are those of
+    [`~transformers.TrainingArguments`].
+
+    > Loss weights
+
+    Args:
+        nll_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the NLL of response tokens, with z drawn from the posterior by reparameterisation.
+        kl_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the KL term (no annealing).
+        contrastive_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the InfoNCE term over the responses and latents of one prompt (0 turns it off).
+
+    > KL term
+
+    Args:
+        kl_estimator (`str`, *optional*, defaults to `"aggregate"`):
+            `"aggregate"`: Monte-Carlo KL between the aggregated posterior of a prompt's responses and N(0, I), per
+            dimension; `"analytic"`: the closed-form per-sample KL(q(z|x,y) || N(0, I)).
+        kl_samples (`int`, *optional*, defaults to 16):
+            Samples drawn from each posterior by the aggregate estimator.
+        active_dim_threshold (`float`, *optional*, defaults to 0.01):
+            A latent dimension counts as active when its mean per-sample KL exceeds this many nats.
+
+    > Contrastive term
+
+    Args:
+        contrastive_num_negatives (`int`, *optional*, defaults to 3):
+            Negatives per response in training (random other responses of the same prompt); each costs one extra LM
+            pass per response. `None` uses all. Evaluation always ranks against every response of the prompt.
+
+        responses_per_step (`int`, *optional*, defaults to `None`):
+            Responses of each prompt used in a training step (a random subset); `None` uses all. Evaluation always
+            uses all.
+
+    > Model
+
+    Args:
+        freeze_base (`bool`, *optional*, defaults to `True`):
+            Train only the latent encoder and adapter (recipe a). `False` also trains the base LM (recipe b).
+        gradient_skip_path (`bool`, *optional*, defaults to `False`):
+            Add the gradient-only shortcut z -> final hidden state (see [`PrefAlignConfig`]).
+
+    > Data
+
+    Args:
+        max_length (`int`, *optional*, defaults to 256):
+            Longest prompt + response in tokens; longer responses are truncated (with a counted warning).
+        too_few_responses (`str`, *optional*, defaults to `"skip"`):
+            What to do with a prompt that has fewer than 2 responses while the contrastive term is on: `"skip"` it
+            (with a counted warning) or raise an `"error"`.
+
+    Defaults that differ from [`~transformers.TrainingArguments`]: `learning_rate=1e-4`, `warmup_ratio=0.1`,
+    `per_device_train_batch_size=1` (prompts per step; each brings all its responses), `logging_steps=10`,
+    `remove_unused_columns=False`, `report_to="none"`.
+    """
+
+    # Loss weights
+    nll_weight: float = field(default=1.0, metadata={"help": "Weight of the NLL of response tokens."})
+    kl_weight: float = field(default=1.0, metadata={"help": "Weight of the KL term (no annealing)."})
+    contrastive_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the InfoNCE term over one prompt's responses (0 turns it off)."}
+    )
+    # KL term
+    kl_estimator: str = field(
+        default="aggregate",
+        metadata={
+            "help": "'aggregate': Monte-Carlo KL of the prompt's aggregated posterior to N(0, I); "
+            "'analytic': closed-form per-sample KL.",
+            "choices": ["aggregate", "analytic"],
+        },
+    )
+    kl_samples: int = field(default=16, metadata={"help": "Samples per posterior for the aggregate KL estimator."})
+    active_dim_threshold: float = field(
+        default=0.01, metadata={"help": "Nats of mean per-sample KL above which a latent dimension counts as active."}
+    )
+    # Contrastive term
+    contrastive_num_negatives: int | None = field(
+        default=3,
+        metadata={"help": "Negatives per response in training (None: all). Evaluation always uses all."},
+    )
+    responses_per_step: int | None = field(
+        default=None,
+        metadata={"help": "Responses of each prompt per training step (random subset; None: all)."},
+    )
+    # Model
+    freeze_base: bool = field(default=True, metadata={"help": "Train only the latent encoder and adapter."})
+    gradient_skip_path: bool = field(
+        default=False, metadata={"help": "Add the gradient-only shortcut z -> final hidden state."}
+    )
+    # Data
+    max_length: int = field(default=256, metadata={"help": "Longest prompt + response in tokens (truncated beyond)."})
+    too_few_responses: str = field(
+        default="skip",
+        metadata={
+            "help": "Prompts with fewer than 2 responses when the contrastive term is on: 'skip' or 'error'.",
+            "choices": ["skip", "error"],
+        },
+    )
+    # Parent defaults re-declared
+    learning_rate: float = field(default=1e-4, metadata={"help": "Initial AdamW learning rate."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps for linear warm-up."})
+    per_device_train_batch_size: int = field(
+        default=1, metadata={"help": "Prompts per device and step; each brings all its responses."}
+    )
+    per_device_eval_batch_size: int = field(default=1, metadata={"help": "Prompts per device in evaluation."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X steps (or ratio of steps if < 1)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the tokenized columns that the response-group collator reads."}
+    )
+    report_to: str | list[str] | None = field(
+        default="none", metadata={"help": "Integrations to report to ('none', 'all', 'tensorboard', ...)."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.contrastive_num_negatives, str) and self.contrastive_num_negatives.lower() == "none":
+            self.contrastive_num_negatives = None
+        if self.kl_estimator not in ("aggregate", "analytic"):
+            raise ValueError(f"`kl_estimator` must be 'aggregate' or 'analytic', got {self.kl_estimator!r}.")
+        if self.too_few_responses not in ("skip", "error"):
+            raise ValueError(f"`too_few_responses` must be 'skip' or 'error', got {self.too_few_responses!r}.")
+        for name in ("nll_weight", "kl_weight", "contrastive_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.kl_samples <= 0:
+            raise ValueError(f"`kl_samples` must be positive, got {self.kl_samples}.")
+        if self.contrastive_num_negatives is not None and self.contrastive_num_negatives <= 0:
+            raise ValueError(
+                f"`contrastive_num_negatives` must be positive or None, got {self.contrastive_num_negatives}."
+            )
+        if isinstance(self.responses_per_step, str) and self.responses_per_step.lower() == "none":
+            self.responses_per_step = None
+        if self.responses_per_step is not None and self.responses_per_step < 2:
+            raise ValueError(f"`responses_per_step` must be at least 2 or None, got {self.responses_per_step}.")
+        if self.max_length < 2:
+            raise ValueError(f"`max_length` must be at least 2, got {self.max_length}.")
+        if self.gradient_checkpointing:
+            raise ValueError(
+                "gradient_checkpointing=True cannot be used with CLaP: checkpointed layers drop the cache that "
+                "carries the latent prefix."
+            )
+        super().__post_init__()
+
+
+__all__ = ["CLaPConfig"]

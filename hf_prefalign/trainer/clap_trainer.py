@@ -1,0 +1,320 @@
+"""CLaPTrainer: contrastive language-latent pretraining of a PrefAlign backbone (stage 1, once per base model)."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from transformers.utils import logging
+
+from ..data.collators import DataCollatorForResponseGroups
+from ..data.pools import PROMPT_COLUMN, RESPONSES_COLUMN, as_response_pool
+from ..data.prompts import tokenize_prompt
+from ..loading import load_default_base
+from ..modeling.modeling_prefalign import PrefAlignForCausalLM
+from ..utils.constants import BASE_MODEL_SUBFOLDER, EMBEDDED_DEFAULT_BASE, WEIGHTS_NAME
+from ..utils.serialization import load_tensors
+from .clap_config import CLaPConfig
+from .clap_losses import (
+    aggregate_posterior_kl,
+    analytic_kl,
+    info_nce,
+    negative_indices,
+    sequence_log_likelihood,
+)
+
+
+logger = logging.get_logger(__name__)
+
+
+class CLaPTrainer(Trainer):
+    """Trains the latent encoder and adapter of a [`PrefAlignForCausalLM`] on one-to-many data.
+
+    Loss = `nll_weight` * NLL + `kl_weight` * KL + `contrastive_weight` * InfoNCE (see [`CLaPConfig`]). The dataset
+    is a response pool: one row per prompt with its `responses` (or a TRL preference dataset, whose chosen and
+    rejected responses are pooled per prompt). Each step takes whole prompt groups.
+
+    Logged metrics: `loss/nll`, `loss/kl`, `loss/contrastive`, `contrastive/accuracy` (own latent ranked first among
+    the candidates), `latent/active_dims` (dimensions with mean KL above `active_dim_threshold`), and in evaluation
+    also `nll/zero_latent` (the NLL with z = 0, to compare with the posterior's).
+
+    Args:
+        model (`PrefAlignForCausalLM`, `PreTrainedModel` or `str`):
+            The backbone; a plain causal LM (or its name) is wrapped with [`PrefAlignForCausalLM.from_base`].
+        args (`CLaPConfig`, *optional*): training settings; defaults write to `clap-<model name>`.
+        train_dataset, eval_dataset (`Dataset`): response pools.
+        processing_class (`PreTrainedTokenizerBase`): the base model's tokenizer (required unless `model` is a name).
+    """
+
+    _tag_names = ["hf-prefalign", "clap"]
+    _name = "CLaP"
+
+    def __init__(
+        self,
+        model: PrefAlignForCausalLM | PreTrainedModel | str,
+        args: CLaPConfig | None = None,
+        data_collator: Any | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        **kwargs: Any,
+    ):
+        # Model
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model, "name_or_path", "") or "backbone"
+            args = CLaPConfig(output_dir=f"clap-{Path(str(name)).name.split(':')[-1]}")
+        if not isinstance(args, CLaPConfig):
+            raise TypeError(f"`args` must be a CLaPConfig, got {type(args).__name__}.")
+        if isinstance(model, str):
+            if model == EMBEDDED_DEFAULT_BASE:
+                base, tokenizer = load_default_base()
+            else:
+                from transformers import AutoTokenizer
+
+                base, tokenizer = model, AutoTokenizer.from_pretrained(model)
+            processing_class = processing_class or tokenizer
+            model = PrefAlignForCausalLM.from_base(base)
+        elif not isinstance(model, PrefAlignForCausalLM):
+            model = PrefAlignForCausalLM.from_base(model)
+        if args.freeze_base:
+            model.freeze_base()
+        else:
+            model.unfreeze_base()
+        if args.gradient_skip_path:
+            model.enable_gradient_skip_path()
+
+        # Processing class
+        if processing_class is None:
+            raise ValueError("CLaPTrainer needs the base model's tokenizer: pass `processing_class=tokenizer`.")
+        if processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        if processing_class.eos_token_id is None:
+            raise ValueError("The tokenizer has no EOS token; responses must end with one.")
+        model.check_tokenizer(processing_class)
+
+        # Data collator
+        if data_collator is None:
+            data_collator = DataCollatorForResponseGroups(
+                pad_token_id=processing_class.pad_token_id, max_responses=args.responses_per_step
+            )
+
+        # Dataset
+        if train_dataset is not None:
+            train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+        if eval_dataset is not None:
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {
+                    key: self._prepare_dataset(ds, processing_class, args, key) for key, ds in eval_dataset.items()
+                }
+            else:
+                eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        # compute_loss returns a per-batch mean, so Trainer must divide it by the gradient accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------
+    # Data
+    # ------------------------------------------------------------------
+    @staticmethod
+    def _prepare_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args: CLaPConfig, name: str) -> Dataset:
+        """Pool -> `prompt_input_ids` + `responses_input_ids` (each response ending with EOS), checked."""
+        if len(dataset) == 0:
+            raise ValueError(f"The {name} dataset is empty.")
+        if "prompt_input_ids" in dataset.column_names and "responses_input_ids" in dataset.column_names:
+            return dataset  # already tokenized
+        pool = as_response_pool(dataset)
+        eos = tokenizer.eos_token_id
+
+        def tokenize(row: dict[str, Any]) -> dict[str, Any]:
+            prompt_ids = tokenize_prompt(tokenizer, row[PROMPT_COLUMN])
+            truncated = 0
+            if len(prompt_ids) > args.max_length - 2:  # keep room for at least one response token and EOS
+                prompt_ids = prompt_ids[-(args.max_length - 2) :]
+                truncated += 1
+            room = args.max_length - len(prompt_ids) - 1
+            responses = []
+            for text in row[RESPONSES_COLUMN]:
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                if len(ids) > room:
+                    ids, truncated = ids[:room], truncated + 1
+                responses.append(ids + [eos])
+            return {"prompt_input_ids": prompt_ids, "responses_input_ids": responses, "num_truncated": truncated}
+
+        tokenized = pool.map(tokenize, remove_columns=pool.column_names, desc=f"Tokenizing {name} pool")
+        num_truncated = sum(tokenized["num_truncated"])
+        if num_truncated:
+            logger.warning(
+                f"{num_truncated} prompt(s)/response(s) of the {name} dataset exceed max_length={args.max_length} "
+                "tokens and were truncated."
+            )
+        tokenized = tokenized.remove_columns("num_truncated")
+        if args.contrastive_weight > 0:
+            sizes = [len(r) for r in tokenized["responses_input_ids"]]
+            small = sum(size < 2 for size in sizes)
+            if small and args.too_few_responses == "error":
+                raise ValueError(
+                    f"{small} prompt(s) of the {name} dataset have fewer than 2 responses, which the contrastive term "
+                    "needs. Drop them, set too_few_responses='skip', or contrastive_weight=0."
+                )
+            if small:
+                logger.warning(f"Skipping {small} prompt(s) of the {name} dataset with fewer than 2 responses.")
+                tokenized = tokenized.filter(lambda row: len(row["responses_input_ids"]) >= 2)
+            if len(tokenized) == 0:
+                raise ValueError(f"No prompt of the {name} dataset has 2 or more responses.")
+        return tokenized
+
+    # ------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mode = "train" if model.training else "eval"
+        backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(model)
+        args: CLaPConfig = self.args
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        labels, group_index = inputs["labels"], inputs["group_index"]
+
+        posterior = backbone.posterior(input_ids, attention_mask)  # (N, Z) each
+        # Training samples z by reparameterisation; evaluation uses the posterior mean (deterministic metrics).
+        latents = posterior.rsample() if mode == "train" else posterior.mean  # (N, Z)
+        # Only positions that predict response tokens need logits: skip the shared prompt (lm_head is ~20% of a pass).
+        keep = self._positions_to_score(labels)
+        labels = labels[:, -keep:]
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, latents=latents, logits_to_keep=keep
+        ).logits  # (N, keep, V)
+        own_ll, num_tokens = sequence_log_likelihood(logits, labels)  # (N,), (N,)
+        nll = -own_ll.sum() / num_tokens.sum().clamp(min=1)
+
+        per_dim_kl = analytic_kl(posterior)  # (Z,)
+        if args.kl_estimator == "aggregate":
+            kl = aggregate_posterior_kl(posterior, group_index, args.kl_samples).sum()
+        else:
+            kl = per_dim_kl.sum()
+
+        loss = args.nll_weight * nll + args.kl_weight * kl
+        metrics = {
+            "loss/nll": nll.detach(),
+            "loss/kl": kl.detach(),
+            "latent/active_dims": (per_dim_kl.detach() > args.active_dim_threshold).sum().float(),
+        }
+        if args.contrastive_weight > 0 or mode == "eval":
+            num_negatives = args.contrastive_num_negatives if mode == "train" else None
+            negatives = negative_indices(group_index, num_negatives)  # (N, C-1)
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(negatives.shape[1])
+            neg_logits = model(
+                input_ids=input_ids[rows],
+                attention_mask=attention_mask[rows],
+                latents=latents[negatives.reshape(-1)],
+                logits_to_keep=keep,
+            ).logits
+            neg_ll, _ = sequence_log_likelihood(neg_logits, labels[rows])  # (N * (C-1),)
+            scores = torch.cat([own_ll.unsqueeze(1), neg_ll.view(negatives.shape)], dim=1)  # (N, C)
+            contrastive, accuracy = info_nce(scores)
+            if args.contrastive_weight > 0:
+                loss = loss + args.contrastive_weight * contrastive
+            metrics["loss/contrastive"] = contrastive.detach()
+            metrics["contrastive/accuracy"] = accuracy
+            metrics["contrastive/num_candidates"] = torch.tensor(float(scores.shape[1]))
+        if mode == "eval":
+            with torch.no_grad():
+                zero_logits = model(
+                    input_ids=input_ids, attention_mask=attention_mask, latents=None, logits_to_keep=keep
+                ).logits
+                zero_ll, _ = sequence_log_likelihood(zero_logits, labels)
+            metrics["nll/zero_latent"] = -zero_ll.sum() / num_tokens.sum().clamp(min=1)
+            metrics["nll/posterior"] = nll.detach()
+
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(self.accelerator.gather(value.detach().float()).mean().item())
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def get_eval_dataloader(self, eval_dataset: Dataset | str | None = None):
+        """Evaluation ranks every response of a prompt: no response subsampling."""
+        collator = self.data_collator
+        if isinstance(collator, DataCollatorForResponseGroups) and collator.max_responses is not None:
+            self.data_collator = DataCollatorForResponseGroups(collator.pad_token_id, collator.label_pad_token_id)
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.data_collator = collator
+        return super().get_eval_dataloader(eval_dataset)
+
+    @staticmethod
+    def _positions_to_score(labels: torch.Tensor) -> int:
+        """How many trailing positions hold every prediction of a labelled token (from the first response token - 1)."""
+        labelled = (labels != -100).any(0).nonzero()
+        first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
+        return labels.shape[1] - max(first - 1, 0)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, None, None]:
+        """Evaluation computes the CLaP loss and its metrics; there are no predictions to return."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Average the metrics collected since the last log, prefix them in evaluation, and log them too."""
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()
+
+    # ------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Restore the latent modules (and the base, when the checkpoint holds it) from a CLaP checkpoint."""
+        backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(model or self.model)
+        directory = Path(resume_from_checkpoint)
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise ValueError(f"Can't find a valid checkpoint at {resume_from_checkpoint}: no {WEIGHTS_NAME}.")
+        backbone.load_latent_weights(directory / WEIGHTS_NAME)
+        base_dir = directory / BASE_MODEL_SUBFOLDER
+        if base_dir.is_dir():
+            state = {}
+            for shard in sorted(base_dir.glob("*.safetensors")):
+                state.update(load_tensors(shard))
+            result = backbone.get_base_model().load_state_dict(state, strict=False)
+            missing = [k for k in result.missing_keys if k not in backbone.get_base_model().all_tied_weights_keys]
+            if missing or result.unexpected_keys:
+                raise OSError(
+                    f"The base model in {base_dir} does not match: missing {missing[:5]}, "
+                    f"unexpected {result.unexpected_keys[:5]}."
+                )
+        logger.info(f"Restored the backbone from {os.fspath(directory)}.")
+
+
+__all__ = ["CLaPTrainer"]
