@@ -8,6 +8,7 @@ __version__ = "0.1.0.dev0"
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
+from .bank import PreferenceBank  # noqa: E402
 from .configuration_prefalign import PrefAlignConfig  # noqa: E402
 from .data import (  # noqa: E402
     DataCollatorForResponseGroups,
@@ -18,6 +19,7 @@ from .data import (  # noqa: E402
     load_response_pool,
     save_response_pool,
 )
+from .data.latent_cache import LatentCache  # noqa: E402
 from .loading import default_cache_dir, load_base_model, load_default_base  # noqa: E402
 from .modeling import (  # noqa: E402
     DiagonalGaussian,
@@ -27,7 +29,8 @@ from .modeling import (  # noqa: E402
     PrefAlignPreTrainedModel,
     load_default_backbone,
 )
-from .trainer import CLaPConfig, CLaPTrainer  # noqa: E402
+from .preference import PreferenceEmbedding, PreferenceEmbeddingConfig  # noqa: E402
+from .trainer import CLaPConfig, CLaPTrainer, LatentDPOConfig, LatentDPOTrainer  # noqa: E402
 
 
 AutoConfig.register(PrefAlignConfig.model_type, PrefAlignConfig, exist_ok=True)
@@ -38,11 +41,17 @@ __all__ = [
     "CLaPTrainer",
     "DataCollatorForResponseGroups",
     "DiagonalGaussian",
+    "LatentCache",
+    "LatentDPOConfig",
+    "LatentDPOTrainer",
     "LatentAdapter",
     "LatentEncoder",
     "PrefAlignConfig",
     "PrefAlignForCausalLM",
     "PrefAlignPreTrainedModel",
+    "PreferenceBank",
+    "PreferenceEmbedding",
+    "PreferenceEmbeddingConfig",
     "ResponsePoolConfig",
     "__version__",
     "as_response_pool",

@@ -42,6 +42,13 @@ def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[
     return tokenizer(text, add_special_tokens=not is_conversational(prompt))["input_ids"]
 
 
+def tokenize_response(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of a response as the model is trained on it: no special tokens, then EOS."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no EOS token; responses must end with one.")
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def response_text(response: Any) -> str:
     """A response as plain text: TRL conversational completions are lists holding one assistant message."""
     if isinstance(response, str):
@@ -59,4 +66,11 @@ def load_bundled_prompts() -> Dataset:
     return Dataset.from_list(rows)
 
 
-__all__ = ["is_conversational", "load_bundled_prompts", "render_prompt", "response_text", "tokenize_prompt"]
+__all__ = [
+    "is_conversational",
+    "load_bundled_prompts",
+    "render_prompt",
+    "response_text",
+    "tokenize_prompt",
+    "tokenize_response",
+]

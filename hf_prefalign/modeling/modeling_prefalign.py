@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,6 +45,11 @@ from .adapter import LatentAdapter
 from .architectures import get_decoder_layout
 from .distributions import DiagonalGaussian
 from .encoder import LatentEncoder
+
+
+if TYPE_CHECKING:
+    from ..bank import PreferenceBank
+    from ..preference import PreferenceEmbedding
 
 
 logger = logging.get_logger(__name__)
@@ -326,6 +332,77 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             attention_mask = torch.ones_like(input_ids)
         return self.latent_encoder.features(self.get_input_embeddings()(input_ids), attention_mask)
 
+    def prompt_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What a user's prior reads: the encoder's normalised query outputs for a prompt, averaged, `(B, hidden)`.
+
+        The prompt is tokenized exactly as for generation (chat template with the generation prompt).
+        """
+        features = self.latent_encoder.output_norm(self.encode_features(input_ids, attention_mask))  # (B, Q, hidden)
+        return features.mean(dim=1).float()
+
+    def fingerprint(self) -> str:
+        """A hash of the latent modules' weights and the base model's identity.
+
+        Preference embeddings record it; loading one onto a backbone with another fingerprint fails.
+        """
+        digest = hashlib.sha256()
+        identity = {field: getattr(self.config.text_config, field, None) for field in _BASE_IDENTITY_FIELDS}
+        identity["base_model_name_or_path"] = self.config.base_model_name_or_path
+        digest.update(json.dumps(identity, sort_keys=True).encode())
+        for name, tensor in sorted(self.latent_state_dict().items()):
+            if name.startswith("latent_adapter.skip"):
+                continue  # training-only shortcut, zero in every forward pass
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    @property
+    def preferences(self) -> PreferenceBank:
+        """The bank of users' preference embeddings that `generate(preference_id=...)` reads from."""
+        from ..bank import PreferenceBank  # the bank reads preference embeddings, which import this package
+
+        bank = self.__dict__.get("_preference_bank")
+        if bank is None:
+            bank = PreferenceBank(self.fingerprint(), self.config.latent_dim, self.config.text_config.hidden_size)
+            self.__dict__["_preference_bank"] = bank
+        return bank
+
+    def load_preference(
+        self, path: str | os.PathLike | PreferenceEmbedding, preference_id: str, overwrite: bool = False
+    ) -> None:
+        """Register a user's preference embedding (a directory or an instance) in [`preferences`] under an id.
+
+        It is read and checked against this backbone now, so a corrupt file or a foreign embedding is never registered.
+        """
+        from ..preference import PreferenceEmbedding
+
+        embedding = path if isinstance(path, PreferenceEmbedding) else PreferenceEmbedding.from_pretrained(path)
+        self.preferences.add(preference_id, embedding, overwrite=overwrite)
+
+    @torch.no_grad()
+    def preference_latents(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        preference_id: str | Sequence[str | None] | None,
+        sample: bool = False,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """z per row for `preference_id` (one id for the batch or one per row; `None` is the neutral z = 0)."""
+        batch = input_ids.shape[0]
+        ids = (
+            [preference_id] * batch if preference_id is None or isinstance(preference_id, str) else list(preference_id)
+        )
+        if len(ids) != batch:
+            raise ValueError(f"Got {len(ids)} preference ids for a batch of {batch} prompts.")
+        for pid in ids:
+            if pid is not None and pid not in self.preferences:
+                raise KeyError(self.preferences._unknown(pid))
+        if all(pid is None for pid in ids):
+            return torch.zeros(batch, self.config.latent_dim, device=input_ids.device)
+        features = self.prompt_features(input_ids, attention_mask)  # (B, hidden)
+        return self.preferences.latents(ids, features, sample=sample, temperature=temperature)
+
     def build_prefix_cache(self, latents: torch.Tensor) -> DynamicCache:
         """A fresh cache whose every layer holds the `(B, H_kv, P, D)` prefix for `latents` `(B, Z)`."""
         cache = DynamicCache(config=self.config.text_config)
@@ -475,21 +552,50 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         )
 
     @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, latents: torch.Tensor | None = None, **kwargs: Any):
-        """`GenerationMixin.generate`, decoding row i under the latent `latents[i]`.
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        preference_id: str | Sequence[str | None] | None = None,
+        preference_sampling: str = "mean",
+        preference_temperature: float = 1.0,
+        **kwargs: Any,
+    ):
+        """`GenerationMixin.generate`, decoding row i under its own latent z.
 
         Args:
-            latents (`torch.Tensor` of shape `(B, Z)` or `(Z,)`, *optional*): z per row; `None` means z = 0.
+            latents (`torch.Tensor` of shape `(B, Z)` or `(Z,)`, *optional*): z per row.
+            preference_id (`str` or `list`, *optional*):
+                A user of [`preferences`] for the whole batch, or one id per row (`None` rows are neutral); z is the
+                mean of each user's prior p_user(z|x) for the row's prompt. Exclusive with `latents`.
+            preference_sampling (`str`, *optional*, defaults to `"mean"`): `"mean"` or `"sample"` from the prior.
+            preference_temperature (`float`, *optional*, defaults to 1.0): scales the prior's std when sampling.
             **kwargs: everything `transformers`' `generate` accepts.
+
+        With neither `latents` nor `preference_id`, z = 0: the neutral model (the N(0, I) prior's mean).
         """
-        if self._latent_enabled:
-            tokens = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-            if tokens is not None:
-                # Normalise to (B, Z) here: generate's own expansion for num_return_sequences / beams assumes it.
-                latents = self._resolve_latents(latents, tokens.shape[0], tokens.device)
-                kwargs["latents"] = latents
-        elif latents is not None:
-            raise ValueError("`latents` were given inside `disable_latent()`, where the model runs without z.")
+        if preference_sampling not in ("mean", "sample"):
+            raise ValueError(f"`preference_sampling` must be 'mean' or 'sample', got {preference_sampling!r}.")
+        if not self._latent_enabled:
+            if latents is not None or preference_id is not None:
+                raise ValueError("`latents` / `preference_id` were given inside `disable_latent()`.")
+            return super().generate(inputs, **kwargs)
+        tokens = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if preference_id is not None:
+            if latents is not None:
+                raise ValueError("Pass either `latents` or `preference_id`, not both.")
+            if tokens is None or tokens.dtype not in (torch.long, torch.int):
+                raise ValueError("`preference_id` needs the prompt as token ids (`input_ids`).")
+            latents = self.preference_latents(
+                tokens,
+                kwargs.get("attention_mask"),
+                preference_id,
+                sample=preference_sampling == "sample",
+                temperature=preference_temperature,
+            )
+        if tokens is not None:
+            # Normalise to (B, Z) here: generate's own expansion for num_return_sequences / beams assumes it.
+            kwargs["latents"] = self._resolve_latents(latents, tokens.shape[0], tokens.device)
         return super().generate(inputs, **kwargs)
 
     # ------------------------------------------------------------------

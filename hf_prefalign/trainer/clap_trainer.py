@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,13 @@ from .clap_losses import (
     negative_indices,
     sequence_log_likelihood,
 )
+from .metrics import CollectedMetricsMixin
 
 
 logger = logging.get_logger(__name__)
 
 
-class CLaPTrainer(Trainer):
+class CLaPTrainer(CollectedMetricsMixin, Trainer):
     """Trains the latent encoder and adapter of a [`PrefAlignForCausalLM`] on one-to-many data.
 
     Loss = `nll_weight` * NLL + `kl_weight` * KL + `contrastive_weight` * InfoNCE (see [`CLaPConfig`]). The dataset
@@ -115,7 +115,7 @@ class CLaPTrainer(Trainer):
             else:
                 eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
 
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._init_metrics()
         super().__init__(
             model=model,
             args=args,
@@ -248,8 +248,7 @@ class CLaPTrainer(Trainer):
             metrics["nll/zero_latent"] = -zero_ll.sum() / num_tokens.sum().clamp(min=1)
             metrics["nll/posterior"] = nll.detach()
 
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(self.accelerator.gather(value.detach().float()).mean().item())
+        self._record_metrics(mode, metrics)
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def get_eval_dataloader(self, eval_dataset: Dataset | str | None = None):
@@ -282,15 +281,6 @@ class CLaPTrainer(Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Average the metrics collected since the last log, prefix them in evaluation, and log them too."""
-        mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
-        if mode == "eval":
-            metrics = {f"eval_{key}": value for key, value in metrics.items()}
-        super().log({**logs, **metrics}, start_time)
-        self._metrics[mode].clear()
 
     # ------------------------------------------------------------------
     # Checkpoints

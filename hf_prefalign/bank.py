@@ -1,0 +1,181 @@
+"""PreferenceBank: many users' preference embeddings by id, attached to one backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .preference import PreferenceEmbedding
+from .utils.serialization import atomic_directory, write_json_atomic
+
+
+BANK_INDEX = "bank.json"
+_VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class PreferenceBank:
+    """Users' [`PreferenceEmbedding`]s by preference id, checked against one backbone.
+
+    Embeddings registered from a directory load lazily, on first use, so a bank of thousands of users opens
+    instantly. Reads and writes are guarded by a lock, so generation threads can share a bank.
+
+    Args:
+        fingerprint (`str`): the backbone's [`~PrefAlignForCausalLM.fingerprint`].
+        latent_dim (`int`), feature_dim (`int`): the backbone's latent size and prompt feature size.
+    """
+
+    def __init__(self, fingerprint: str, latent_dim: int, feature_dim: int):
+        self.fingerprint = fingerprint
+        self.latent_dim = latent_dim
+        self.feature_dim = feature_dim
+        self._loaded: dict[str, PreferenceEmbedding] = {}
+        self._lazy: dict[str, Path] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------
+    # Registry
+    # ------------------------------------------------------------------
+    @staticmethod
+    def _check_id(preference_id: str) -> None:
+        if not isinstance(preference_id, str) or not _VALID_ID.match(preference_id):
+            raise ValueError(
+                f"Invalid preference id {preference_id!r}: use 1-128 letters, digits, '_', '-' or '.', "
+                "starting with a letter or digit."
+            )
+
+    def add(self, preference_id: str, embedding: PreferenceEmbedding, overwrite: bool = False) -> None:
+        """Register `embedding` under `preference_id` after checking it belongs to this backbone."""
+        self._check_id(preference_id)
+        embedding.check_compatible(self.fingerprint, self.latent_dim, self.feature_dim, name=preference_id)
+        with self._lock:
+            if preference_id in self and not overwrite:
+                raise ValueError(f"Preference id {preference_id!r} is already registered; pass overwrite=True.")
+            self._lazy.pop(preference_id, None)
+            self._loaded[preference_id] = embedding.eval()
+
+    def add_from_directory(self, preference_id: str, path: str | os.PathLike, lazy: bool = True) -> None:
+        """Register the embedding saved at `path`; with `lazy`, it is read (and checked) on first use."""
+        self._check_id(preference_id)
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"No preference embedding at {path}.")
+        if not lazy:
+            self.add(preference_id, PreferenceEmbedding.from_pretrained(path), overwrite=True)
+            return
+        with self._lock:
+            self._loaded.pop(preference_id, None)
+            self._lazy[preference_id] = path
+
+    def remove(self, preference_id: str) -> None:
+        with self._lock:
+            if self._loaded.pop(preference_id, None) is None and self._lazy.pop(preference_id, None) is None:
+                raise KeyError(self._unknown(preference_id))
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return sorted(set(self._loaded) | set(self._lazy))
+
+    def __contains__(self, preference_id: object) -> bool:
+        with self._lock:
+            return preference_id in self._loaded or preference_id in self._lazy
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids())
+
+    def _unknown(self, preference_id: str) -> str:
+        known = self.ids()
+        listing = ", ".join(map(repr, known[:10])) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+        return f"Unknown preference id {preference_id!r}; the bank holds {len(known)} user(s): {listing or 'none'}."
+
+    def get(self, preference_id: str) -> PreferenceEmbedding:
+        """The embedding of `preference_id` (loading it now if it was registered lazily)."""
+        with self._lock:
+            if preference_id in self._loaded:
+                return self._loaded[preference_id]
+            if preference_id not in self._lazy:
+                raise KeyError(self._unknown(preference_id))
+            embedding = PreferenceEmbedding.from_pretrained(self._lazy[preference_id])
+            embedding.check_compatible(self.fingerprint, self.latent_dim, self.feature_dim, name=preference_id)
+            self._loaded[preference_id] = embedding.eval()
+            del self._lazy[preference_id]
+            return embedding
+
+    # ------------------------------------------------------------------
+    # Latents for a batch
+    # ------------------------------------------------------------------
+    @torch.no_grad()
+    def latents(
+        self,
+        preference_ids: Sequence[str | None],
+        features: torch.Tensor,
+        sample: bool = False,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """z for each row: the mean of its user's prior (or a sample); `None` rows get z = 0 (neutral).
+
+        Args:
+            preference_ids (`Sequence[str | None]`): one id per row.
+            features (`torch.Tensor` of shape `(B, F)`): prompt features of each row.
+
+        Returns:
+            `torch.Tensor` of shape `(B, Z)`, fp32.
+        """
+        if len(preference_ids) != features.shape[0]:
+            raise ValueError(f"Got {len(preference_ids)} preference ids for a batch of {features.shape[0]} rows.")
+        latents = torch.zeros(features.shape[0], self.latent_dim, device=features.device)
+        for preference_id in dict.fromkeys(pid for pid in preference_ids if pid is not None):
+            rows = [i for i, pid in enumerate(preference_ids) if pid == preference_id]
+            embedding = self.get(preference_id).to(features.device)
+            latents[rows] = embedding.latents(features[rows], sample=sample, temperature=temperature)
+        return latents
+
+    # ------------------------------------------------------------------
+    # Saving and loading
+    # ------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write every user to `directory/<id>/` plus a `bank.json` index (users already on disk are copied)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for preference_id in self.ids():
+            target = directory / preference_id
+            embedding = self.get(preference_id)
+            with atomic_directory(target) as tmp:
+                embedding.save_pretrained(tmp)
+        write_json_atomic(
+            {
+                "fingerprint": self.fingerprint,
+                "latent_dim": self.latent_dim,
+                "feature_dim": self.feature_dim,
+                "preference_ids": self.ids(),
+            },
+            directory / BANK_INDEX,
+        )
+
+    def load(self, directory: str | os.PathLike, lazy: bool = True) -> list[str]:
+        """Register every user of a bank saved with [`~PreferenceBank.save`]; returns their ids."""
+        directory = Path(directory)
+        index_file = directory / BANK_INDEX
+        if not index_file.is_file():
+            raise FileNotFoundError(f"No preference bank at {directory}: {BANK_INDEX} is missing.")
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        if index.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"The bank at {directory} was built for another backbone (fingerprint "
+                f"{str(index.get('fingerprint'))[:12]}, this model's is {self.fingerprint[:12]})."
+            )
+        ids = list(index.get("preference_ids", []))
+        for preference_id in ids:
+            self.add_from_directory(preference_id, directory / preference_id, lazy=lazy)
+        return ids
+
+
+__all__ = ["PreferenceBank"]

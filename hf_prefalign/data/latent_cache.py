@@ -1,0 +1,204 @@
+"""LatentCache: the frozen encoder's outputs for prompts and responses, computed once and shared by every user.
+
+Latent DPO never runs the LM: it needs, per preference pair, the posterior q(z|x,y) of the chosen and the rejected
+response and the prompt features that the user's prior reads. They depend only on the (frozen) backbone and the
+text, so they are cached by a key of (backbone fingerprint, rendered prompt, response): users who rank the same
+response pool hit the same entries, and the encoder runs once per distinct text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging
+
+from ..modeling.modeling_prefalign import PrefAlignForCausalLM
+from ..utils.serialization import load_tensors, save_tensors_atomic, write_json_atomic
+from .prompts import is_conversational, render_prompt, response_text, tokenize_prompt, tokenize_response
+
+
+logger = logging.get_logger(__name__)
+
+PAIR_COLUMNS = ("features", "chosen_mean", "chosen_logvar", "rejected_mean", "rejected_logvar")
+
+
+def normalize_preference_dataset(dataset: Dataset, name: str = "train") -> tuple[list[Any], list[str], list[str]]:
+    """Prompts, chosen and rejected texts of a TRL preference dataset (standard, conversational or implicit prompt).
+
+    Rows whose chosen and rejected responses are identical are skipped with a counted warning.
+    """
+    if len(dataset) == 0:
+        raise ValueError(f"The {name} preference dataset is empty.")
+    columns = set(dataset.column_names)
+    missing = {"chosen", "rejected"} - columns
+    if missing:
+        raise ValueError(
+            f"The {name} preference dataset lacks column(s) {sorted(missing)}; found {dataset.column_names}. "
+            "Expected TRL's preference format: `prompt`, `chosen`, `rejected`."
+        )
+    prompts, chosen, rejected, identical = [], [], [], 0
+    for row in dataset:
+        if "prompt" in columns:
+            prompt, good, bad = row["prompt"], response_text(row["chosen"]), response_text(row["rejected"])
+        elif is_conversational(row["chosen"]):  # implicit prompt: the conversation up to the last turn
+            prompt, good, bad = row["chosen"][:-1], row["chosen"][-1]["content"], row["rejected"][-1]["content"]
+        else:
+            raise ValueError(
+                f"The {name} preference dataset has no `prompt` column and plain-text responses; found "
+                f"{dataset.column_names}."
+            )
+        if good == bad:
+            identical += 1
+            continue
+        prompts.append(prompt)
+        chosen.append(good)
+        rejected.append(bad)
+    if identical:
+        logger.warning(f"Skipped {identical} row(s) of the {name} dataset whose chosen and rejected are identical.")
+    if not prompts:
+        raise ValueError(f"The {name} preference dataset has no usable pair (all chosen == rejected).")
+    return prompts, chosen, rejected
+
+
+class LatentCache:
+    """Encoder outputs keyed by text, in memory and (optionally) on disk.
+
+    Args:
+        model (`PrefAlignForCausalLM`): the frozen backbone; its fingerprint keys the cache.
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
+        cache_dir (`str`, *optional*): where entries persist between runs (a sub-folder per backbone fingerprint).
+        batch_size (`int`, *optional*, defaults to 32): sequences per encoder call.
+    """
+
+    def __init__(
+        self,
+        model: PrefAlignForCausalLM,
+        tokenizer: PreTrainedTokenizerBase,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = 32,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.fingerprint = model.fingerprint()
+        self.directory = Path(cache_dir) / self.fingerprint[:24] if cache_dir is not None else None
+        self._prompts: dict[str, torch.Tensor] = {}
+        self._responses: dict[str, torch.Tensor] = {}  # key -> (2, Z): mean, logvar
+        self.encoder_sequences = 0  # how many sequences the encoder has read (cache misses)
+        self._load()
+
+    # Keys -------------------------------------------------------------
+    def _prompt_key(self, prompt: Any) -> str:
+        return hashlib.sha1(render_prompt(self.tokenizer, prompt).encode()).hexdigest()
+
+    def _response_key(self, prompt: Any, response: str) -> str:
+        text = render_prompt(self.tokenizer, prompt) + "\x00" + response
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    # Disk -------------------------------------------------------------
+    def _load(self) -> None:
+        if self.directory is None or not (self.directory / "index.json").is_file():
+            return
+        index = json.loads((self.directory / "index.json").read_text(encoding="utf-8"))
+        tensors = load_tensors(self.directory / "latents.safetensors")
+        self._prompts = dict(zip(index["prompts"], tensors["prompt_features"], strict=True))
+        self._responses = dict(zip(index["responses"], tensors["response_posteriors"], strict=True))
+
+    def save(self) -> None:
+        if self.directory is None:
+            return
+        feature_dim = self.model.config.text_config.hidden_size
+        latent_dim = self.model.config.latent_dim
+        prompts = torch.stack(list(self._prompts.values())) if self._prompts else torch.zeros(0, feature_dim)
+        responses = torch.stack(list(self._responses.values())) if self._responses else torch.zeros(0, 2, latent_dim)
+        save_tensors_atomic(
+            {"prompt_features": prompts, "response_posteriors": responses}, self.directory / "latents.safetensors"
+        )
+        write_json_atomic(
+            {"fingerprint": self.fingerprint, "prompts": list(self._prompts), "responses": list(self._responses)},
+            self.directory / "index.json",
+        )
+
+    # Encoding ---------------------------------------------------------
+    def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, sequences))
+        device = self.model.device
+        ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        return ids.to(device), mask.to(device)
+
+    @torch.no_grad()
+    def _encode_missing(self, prompts: list[Any], responses: list[tuple[Any, str]]) -> None:
+        todo_prompts = {self._prompt_key(p): p for p in prompts if self._prompt_key(p) not in self._prompts}
+        todo_responses = {
+            self._response_key(p, r): (p, r) for p, r in responses if self._response_key(p, r) not in self._responses
+        }
+        total = len(todo_prompts) + len(todo_responses)
+        if not total:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        progress = tqdm(total=total, desc="Encoding prompts and responses", unit="seq")
+        items = list(todo_prompts.items())
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            ids, mask = self._pad([tokenize_prompt(self.tokenizer, p) for _, p in chunk])
+            features = self.model.prompt_features(ids, mask).cpu()
+            for (key, _), feature in zip(chunk, features, strict=True):
+                self._prompts[key] = feature
+            progress.update(len(chunk))
+        items = list(todo_responses.items())
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            ids, mask = self._pad(
+                [tokenize_prompt(self.tokenizer, p) + tokenize_response(self.tokenizer, r) for _, (p, r) in chunk]
+            )
+            posterior = self.model.posterior(ids, mask)
+            stacked = torch.stack([posterior.mean, posterior.logvar], dim=1).cpu()  # (b, 2, Z)
+            for (key, _), value in zip(chunk, stacked, strict=True):
+                self._responses[key] = value
+            progress.update(len(chunk))
+        progress.close()
+        self.encoder_sequences += total
+        self.model.train(was_training)
+        self.save()
+
+    def encode_pairs(self, dataset: Dataset, name: str = "train") -> Dataset:
+        """Latent columns for a TRL preference dataset: `features` `(F,)` and the chosen / rejected posteriors' mean
+        and log-variance `(Z,)` per pair. Entries already cached are reused; the rest are encoded and cached."""
+        prompts, chosen, rejected = normalize_preference_dataset(dataset, name)
+        self._encode_missing(
+            prompts, list(zip(prompts, chosen, strict=True)) + list(zip(prompts, rejected, strict=True))
+        )
+        features = torch.stack([self._prompts[self._prompt_key(p)] for p in prompts])
+        good = torch.stack([self._responses[self._response_key(p, r)] for p, r in zip(prompts, chosen, strict=True)])
+        bad = torch.stack([self._responses[self._response_key(p, r)] for p, r in zip(prompts, rejected, strict=True)])
+        return Dataset.from_dict(
+            {
+                "features": features.numpy(),
+                "chosen_mean": good[:, 0].numpy(),
+                "chosen_logvar": good[:, 1].numpy(),
+                "rejected_mean": bad[:, 0].numpy(),
+                "rejected_logvar": bad[:, 1].numpy(),
+            }
+        ).with_format("torch")
+
+    def encode_pool(self, pool: Dataset) -> None:
+        """Encode every prompt and response of a response pool ahead of time (what all users of the pool share)."""
+        prompts = list(pool["prompt"])
+        pairs = [(p, r) for p, responses in zip(prompts, pool["responses"], strict=True) for r in responses]
+        self._encode_missing(prompts, pairs)
+
+
+__all__ = ["PAIR_COLUMNS", "LatentCache", "normalize_preference_dataset"]

@@ -1,0 +1,166 @@
+"""PreferenceEmbedding: one user's prior p_user(z|x), a kilobyte-sized artefact trained by Latent DPO."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .modeling.distributions import DiagonalGaussian
+from .utils.constants import CONFIG_NAME, WEIGHTS_NAME
+from .utils.serialization import load_tensors, save_tensors_atomic, write_json_atomic
+
+
+PREFERENCE_TYPE = "prefalign-preference-embedding"
+
+
+@dataclass
+class PreferenceEmbeddingConfig:
+    r"""
+    Configuration of a [`PreferenceEmbedding`].
+
+    Args:
+        latent_dim (`int`): size of z (must match the backbone's).
+        feature_dim (`int`): size of the prompt features the frozen encoder gives (the base's hidden size).
+        rank (`int`, *optional*, defaults to 8): rank of the prompt-dependent part of the prior.
+        logvar_min, logvar_max (`float`, *optional*, defaults to -5.0 and 2.0): soft bounds of the log-variance, which
+            keep the prior's variance from collapsing under the DPO objective.
+        backbone_fingerprint (`str`): [`PrefAlignForCausalLM.fingerprint`] of the backbone it was trained against.
+        base_model (`str`, *optional*): the backbone's base model reference (informational).
+        training (`dict`): how it was trained (pairs, steps, beta, ... as recorded by [`LatentDPOTrainer`]).
+    """
+
+    latent_dim: int
+    feature_dim: int
+    backbone_fingerprint: str
+    rank: int = 8
+    logvar_min: float = -5.0
+    logvar_max: float = 2.0
+    base_model: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    hf_prefalign_version: str = __version__
+    artefact_type: str = PREFERENCE_TYPE
+
+    def __post_init__(self) -> None:
+        for name in ("latent_dim", "feature_dim", "rank"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        if not self.logvar_min < 0 < self.logvar_max:
+            raise ValueError(f"Need logvar_min < 0 < logvar_max, got {self.logvar_min} and {self.logvar_max}.")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> PreferenceEmbeddingConfig:
+        if raw.get("artefact_type") != PREFERENCE_TYPE:
+            raise ValueError(
+                f"{source} is not a PrefAlign preference embedding (artefact_type={raw.get('artefact_type')!r}, "
+                f"model_type={raw.get('model_type')!r})."
+            )
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+class PreferenceEmbedding(nn.Module):
+    """One user's prior p_user(z | x) = N(mean(x), diag(exp(logvar(x)))).
+
+    It reads the frozen encoder's prompt features f(x) `(B, F)` (see [`PrefAlignForCausalLM.prompt_features`]):
+    `[mean, raw_logvar] = bias + up(down(f(x)))`, a constant preference plus a rank-r prompt-dependent part. `up`
+    and `bias` start at zero, so a new embedding is exactly N(0, I), the reference every user starts from. About
+    5k parameters (20 KB) for SmolLM2-135M at rank 8.
+
+    Example:
+
+    ```python
+    >>> emb = PreferenceEmbedding(PreferenceEmbeddingConfig(latent_dim=4, feature_dim=6, backbone_fingerprint="x"))
+    >>> prior = emb(torch.randn(2, 6))
+    >>> prior.mean.abs().max().item(), prior.logvar.abs().max().item()
+    (0.0, 0.0)
+    ```
+    """
+
+    def __init__(self, config: PreferenceEmbeddingConfig):
+        super().__init__()
+        self.config = config
+        out = 2 * config.latent_dim
+        self.bias = nn.Parameter(torch.zeros(out))
+        self.down = nn.Parameter(torch.randn(config.feature_dim, config.rank) / math.sqrt(config.feature_dim))
+        self.up = nn.Parameter(torch.zeros(config.rank, out))
+        # logvar = lo + (hi - lo) * sigmoid(raw + shift), with the shift chosen so that raw = 0 gives logvar = 0.
+        self._span = config.logvar_max - config.logvar_min
+        self._logvar_shift = math.log(-config.logvar_min / config.logvar_max)
+
+    def forward(self, features: torch.Tensor) -> DiagonalGaussian:
+        """p_user(z | x) for prompt features `(B, F)`; mean and logvar `(B, Z)` in fp32."""
+        features = features.float()
+        params = self.bias + (features @ self.down) @ self.up  # (B, 2Z)
+        mean, raw_logvar = params.chunk(2, dim=-1)  # 2 x (B, Z)
+        logvar = self.config.logvar_min + self._span * torch.sigmoid(raw_logvar + self._logvar_shift)
+        return DiagonalGaussian(mean, logvar)
+
+    def latents(self, features: torch.Tensor, sample: bool = False, temperature: float = 1.0) -> torch.Tensor:
+        """z for generation: the prior's mean, or a sample with its standard deviation scaled by `temperature`."""
+        prior = self(features)
+        if not sample:
+            return prior.mean
+        return prior.mean + temperature * prior.std * torch.randn_like(prior.mean)
+
+    # ------------------------------------------------------------------
+    # Saving and loading
+    # ------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `config.json` and `model.safetensors` (each to a temporary name first, config last)."""
+        save_directory = Path(save_directory)
+        if save_directory.is_file():
+            raise ValueError(f"save_directory ({save_directory}) must be a directory, not a file.")
+        save_directory.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": "pt", "backbone_fingerprint": self.config.backbone_fingerprint}
+        save_tensors_atomic(
+            {name: p.detach() for name, p in self.named_parameters()}, save_directory / WEIGHTS_NAME, metadata
+        )
+        write_json_atomic(asdict(self.config), save_directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> PreferenceEmbedding:
+        """Load a preference embedding saved by [`~PreferenceEmbedding.save_pretrained`] from a local directory."""
+        path = Path(path)
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"No preference embedding at {path}: {CONFIG_NAME} is missing.")
+        try:
+            raw = json.loads(config_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise OSError(f"{config_file} is not valid JSON ({err}); the preference embedding is corrupt.") from err
+        config = PreferenceEmbeddingConfig.from_dict(raw, source=str(path))
+        embedding = cls(config)
+        tensors = load_tensors(path / WEIGHTS_NAME)
+        own = dict(embedding.named_parameters())
+        if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
+            raise OSError(
+                f"{path / WEIGHTS_NAME} does not match its config (found {sorted(tensors)} with shapes "
+                f"{[tuple(t.shape) for t in tensors.values()]}); the preference embedding is corrupt."
+            )
+        embedding.load_state_dict(tensors)
+        return embedding
+
+    def check_compatible(self, fingerprint: str, latent_dim: int, feature_dim: int, name: str = "") -> None:
+        """Raise a `ValueError` if this embedding was trained against another backbone."""
+        label = f"The preference embedding {name!r}" if name else "The preference embedding"
+        if (self.config.latent_dim, self.config.feature_dim) != (latent_dim, feature_dim):
+            raise ValueError(
+                f"{label} has latent_dim={self.config.latent_dim}, feature_dim={self.config.feature_dim}, but the "
+                f"model expects {latent_dim} and {feature_dim}. Align it against this model."
+            )
+        if self.config.backbone_fingerprint != fingerprint:
+            raise ValueError(
+                f"{label} was trained against another backbone (fingerprint {self.config.backbone_fingerprint[:12]}, "
+                f"this model's is {fingerprint[:12]}). Align the user again against this backbone."
+            )
+
+
+__all__ = ["PreferenceEmbedding", "PreferenceEmbeddingConfig"]

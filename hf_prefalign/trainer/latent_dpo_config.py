@@ -1,0 +1,73 @@
+"""LatentDPOConfig: the settings of per-user Latent DPO, as a TRL DPOConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+
+@dataclass
+class LatentDPOConfig(DPOConfig):
+    r"""
+    Configuration of [`LatentDPOTrainer`]. `beta` is DPOConfig's (defaults to 0.1). The LM-related fields of
+    [`~trl.DPOConfig`] (max_length, padding, reference model, loss_type, ...) do not apply: no LM runs.
+
+    > Latent DPO
+
+    Args:
+        num_latent_samples (`int`, *optional*, defaults to 16):
+            Latents drawn per pair from each of N(0, I), q(z|x,y_w) and q(z|x,y_l).
+        gap_quantile (`float`, *optional*, defaults to 0.75):
+            Keep the latent pairs whose reward gap is at least this quantile of the pair's gaps.
+        prior_rank (`int`, *optional*, defaults to 8):
+            Rank of the prompt-dependent part of the user's prior.
+        latent_cache_dir (`str`, *optional*):
+            Where encoder outputs are cached between runs (default: `<hf_prefalign cache>/latent_cache`; `"none"`
+            keeps them in memory only).
+        encode_batch_size (`int`, *optional*, defaults to 32): sequences per encoder call while building the cache.
+
+    Defaults that differ from [`~trl.DPOConfig`]: `learning_rate=5e-3`, `num_train_epochs=10`,
+    `per_device_train_batch_size=64` (the paper's pairs per step), `gradient_checkpointing=False`, `bf16=False`,
+    `logging_steps=5`, `save_strategy="no"`, `remove_unused_columns=False`, `report_to="none"`. The prior has ~5k
+    parameters, so many small steps cost seconds.
+    """
+
+    num_latent_samples: int = field(
+        default=16, metadata={"help": "Latents per pair from each of the 3 distributions."}
+    )
+    gap_quantile: float = field(default=0.75, metadata={"help": "Quantile of reward gaps above which pairs are kept."})
+    prior_rank: int = field(default=8, metadata={"help": "Rank of the prompt-dependent part of the user's prior."})
+    latent_cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache of encoder outputs shared between users ('none': memory only)."}
+    )
+    encode_batch_size: int = field(
+        default=32, metadata={"help": "Sequences per encoder call when building the cache."}
+    )
+    # Parent defaults re-declared
+    learning_rate: float = field(default=5e-3, metadata={"help": "Initial AdamW learning rate."})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Passes over the user's pairs."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Preference pairs per step."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Preference pairs per evaluation step."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "No LM runs: nothing to checkpoint."})
+    bf16: bool | None = field(default=False, metadata={"help": "Latent densities are computed in fp32."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every X steps."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy ('no', 'steps', 'epoch')."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the cached latent columns."})
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "Integrations to report to."})
+
+    def __post_init__(self) -> None:
+        if self.num_latent_samples <= 0:
+            raise ValueError(f"`num_latent_samples` must be positive, got {self.num_latent_samples}.")
+        if not 0.0 <= self.gap_quantile < 1.0:
+            raise ValueError(f"`gap_quantile` must be in [0, 1), got {self.gap_quantile}.")
+        if self.prior_rank <= 0:
+            raise ValueError(f"`prior_rank` must be positive, got {self.prior_rank}.")
+        if self.beta <= 0:
+            raise ValueError(f"`beta` must be positive, got {self.beta}.")
+        if isinstance(self.latent_cache_dir, str) and self.latent_cache_dir.lower() == "none":
+            self.latent_cache_dir = "none"
+        super().__post_init__()
+
+
+__all__ = ["LatentDPOConfig"]

@@ -1,0 +1,222 @@
+"""LatentDPOTrainer: aligns one user by training only their prior p_user(z|x); the LM never runs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedTokenizerBase, Trainer
+from transformers.utils import logging
+from trl import DPOTrainer
+
+from ..data.latent_cache import PAIR_COLUMNS, LatentCache
+from ..loading import default_cache_dir
+from ..modeling.distributions import DiagonalGaussian
+from ..modeling.modeling_prefalign import PrefAlignForCausalLM
+from ..preference import PreferenceEmbedding, PreferenceEmbeddingConfig
+from ..utils.constants import WEIGHTS_NAME
+from ..utils.serialization import load_tensors
+from .latent_dpo_config import LatentDPOConfig
+from .latent_dpo_loss import latent_dpo_loss
+from .metrics import CollectedMetricsMixin
+
+
+logger = logging.get_logger(__name__)
+
+
+def _collate_latent_pairs(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: torch.stack([torch.as_tensor(f[name]) for f in features]) for name in PAIR_COLUMNS}
+
+
+class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
+    """Trains one user's [`PreferenceEmbedding`] with Latent DPO on a TRL preference dataset.
+
+    At construction, the frozen backbone's encoder reads each pair's prompt and both responses once (through a
+    [`LatentCache`] shared by every user of the same backbone); training then touches only the user's prior, a few
+    thousand parameters: neither the base LM nor the latent adapter runs. `DPOTrainer.__init__` (which tokenizes text
+    and loads a reference LM) is bypassed on purpose; the reference is N(0, I). Logging, progress bars,
+    `save_strategy` and `resume_from_checkpoint` are the `Trainer`'s.
+
+    Logged metrics: `loss`, `rewards/accuracy` and `rewards/margin` (implicit reward rho on the kept latent pairs),
+    `pairs/kept`, `prior/mean_norm` and `prior/std` (mean norm of the prior's mean, mean standard deviation).
+
+    Args:
+        model (`PrefAlignForCausalLM`): a trained (CLaP) backbone; it is not modified.
+        args (`LatentDPOConfig`, *optional*): settings.
+        train_dataset, eval_dataset (`Dataset`): TRL preference datasets (`prompt`, `chosen`, `rejected`; standard or
+            conversational).
+        processing_class (`PreTrainedTokenizerBase`): the backbone's tokenizer.
+        preference_embedding (`PreferenceEmbedding`, *optional*): continue training this embedding instead of N(0, I).
+        latent_cache (`LatentCache`, *optional*): share an existing cache (e.g. one built for a response pool).
+    """
+
+    _tag_names = ["hf-prefalign", "latent-dpo"]
+    _name = "Latent DPO"
+
+    def __init__(
+        self,
+        model: PrefAlignForCausalLM,
+        args: LatentDPOConfig | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        preference_embedding: PreferenceEmbedding | None = None,
+        latent_cache: LatentCache | None = None,
+        callbacks: list | None = None,
+    ):
+        # Model: the backbone stays frozen and outside the Trainer; the trained module is the user's prior.
+        if not isinstance(model, PrefAlignForCausalLM):
+            raise TypeError(
+                f"LatentDPOTrainer needs a trained PrefAlignForCausalLM backbone, got {type(model).__name__}."
+            )
+        if args is None:
+            args = LatentDPOConfig(output_dir="latent-dpo")
+        if not isinstance(args, LatentDPOConfig):
+            raise TypeError(f"`args` must be a LatentDPOConfig, got {type(args).__name__}.")
+        if processing_class is None:
+            raise ValueError("LatentDPOTrainer needs the backbone's tokenizer: pass `processing_class=tokenizer`.")
+        if processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        if train_dataset is None:
+            raise ValueError("LatentDPOTrainer needs a `train_dataset` of preference pairs.")
+        self.backbone = model
+        self.backbone.eval()
+
+        # Dataset: encoder outputs, computed once and cached
+        start = time.perf_counter()
+        if latent_cache is None:
+            cache_dir = args.latent_cache_dir
+            cache_dir = None if cache_dir == "none" else (cache_dir or default_cache_dir() / "latent_cache")
+            latent_cache = LatentCache(model, processing_class, cache_dir, batch_size=args.encode_batch_size)
+        elif latent_cache.fingerprint != model.fingerprint():
+            raise ValueError("The latent cache was built for another backbone (fingerprint mismatch).")
+        self.latent_cache = latent_cache
+        encoded_before = latent_cache.encoder_sequences
+        train_dataset = latent_cache.encode_pairs(train_dataset, "train")
+        if eval_dataset is not None:
+            eval_dataset = latent_cache.encode_pairs(eval_dataset, "eval")
+        self.cache_seconds = time.perf_counter() - start
+        self.cache_sequences_encoded = latent_cache.encoder_sequences - encoded_before
+
+        # Preference embedding (the trained model)
+        if preference_embedding is None:
+            torch.manual_seed(args.seed)
+            preference_embedding = PreferenceEmbedding(
+                PreferenceEmbeddingConfig(
+                    latent_dim=model.config.latent_dim,
+                    feature_dim=model.config.text_config.hidden_size,
+                    rank=args.prior_rank,
+                    backbone_fingerprint=latent_cache.fingerprint,
+                    base_model=model.config.base_model_name_or_path,
+                )
+            )
+        else:
+            preference_embedding.check_compatible(
+                latent_cache.fingerprint, model.config.latent_dim, model.config.text_config.hidden_size
+            )
+
+        self._init_metrics()
+        # DPOTrainer.__init__ would tokenize text and load a reference LM: none of that applies to Latent DPO.
+        Trainer.__init__(
+            self,
+            model=preference_embedding,
+            args=args,
+            data_collator=_collate_latent_pairs,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+        )
+        # Not given to Trainer as `processing_class`: it would try to align its special tokens with an LM config.
+        self.tokenizer_for_latents = processing_class
+        self.model_accepts_loss_kwargs = False
+        self.num_pairs = len(train_dataset)
+
+    # ------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        mode = "train" if model.training else "eval"
+        args: LatentDPOConfig = self.args
+        prior = model(inputs["features"])  # (B, Z)
+        chosen = DiagonalGaussian(inputs["chosen_mean"], inputs["chosen_logvar"])
+        rejected = DiagonalGaussian(inputs["rejected_mean"], inputs["rejected_logvar"])
+        loss, metrics = latent_dpo_loss(
+            prior,
+            chosen,
+            rejected,
+            beta=args.beta,
+            num_samples=args.num_latent_samples,
+            gap_quantile=args.gap_quantile,
+        )
+        metrics["prior/mean_norm"] = prior.mean.detach().norm(dim=-1).mean()
+        metrics["prior/std"] = prior.std.detach().mean()
+        self._record_metrics(mode, metrics)
+        return (loss, {}) if return_outputs else loss
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # DPOTrainer wraps this in activation offloading for its LM; a latent prior has nothing to offload.
+        return Trainer.training_step(self, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluate(self, eval_dataset: Dataset | None = None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if eval_dataset is not None and "features" not in eval_dataset.column_names:
+            eval_dataset = self.latent_cache.encode_pairs(eval_dataset, "eval")
+        return Trainer.evaluate(self, eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    # ------------------------------------------------------------------
+    # Training bookkeeping, saving and resuming
+    # ------------------------------------------------------------------
+    def train(self, *args: Any, **kwargs: Any):
+        start = time.perf_counter()
+        output = super().train(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        embedding: PreferenceEmbedding = self.model
+        embedding.config.training = {
+            "method": "latent-dpo",
+            "pairs": self.num_pairs,
+            "steps": output.global_step,
+            "epochs": self.args.num_train_epochs,
+            "beta": self.args.beta,
+            "learning_rate": self.args.learning_rate,
+            "num_latent_samples": self.args.num_latent_samples,
+            "gap_quantile": self.args.gap_quantile,
+            "train_seconds": round(seconds, 3),
+            "final_loss": output.training_loss,
+        }
+        return output
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            self.model.save_pretrained(output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        # TRL's card writer expects an LM; the checkpoint itself is the Trainer's.
+        Trainer._save_checkpoint(self, model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        path = Path(resume_from_checkpoint) / WEIGHTS_NAME
+        (model or self.model).load_state_dict(load_tensors(path))
+
+    def save_preference(self, path: str | Path) -> PreferenceEmbedding:
+        """Save the trained preference embedding to `path` and return it."""
+        self.model.save_pretrained(path)
+        return self.model
+
+
+__all__ = ["LatentDPOTrainer"]
