@@ -62,8 +62,10 @@ def active_dimensions(model, tokenizer, pool, threshold: float) -> tuple[int, li
     kls = []
     for row in pool:
         prompt_ids = tokenize_prompt(tokenizer, row["prompt"])
-        seqs = [prompt_ids + tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                for r in row["responses"]]
+        seqs = [
+            prompt_ids + tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for r in row["responses"]
+        ]
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
         mask = torch.zeros_like(ids)
@@ -78,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="outputs/clap", help="pool, backbone and trainer outputs")
     parser.add_argument("--output-json", default="docs/clap_results.json")
+    parser.add_argument("--output-table", default="docs/clap_results.md", help="Markdown table of the figures")
     parser.add_argument("--num-prompts", type=int, default=360, help="bundled prompts used (the last 10%% held out)")
     parser.add_argument("--num-responses", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=40)
@@ -110,14 +113,22 @@ def main() -> None:
     else:
         start = time.perf_counter()
         pool = build_response_pool(
-            base, tokenizer, prompts,
-            ResponsePoolConfig(num_responses=args.num_responses, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.pool_batch_size, seed=args.seed),
+            base,
+            tokenizer,
+            prompts,
+            ResponsePoolConfig(
+                num_responses=args.num_responses,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.pool_batch_size,
+                seed=args.seed,
+            ),
         )
         sampling_seconds = time.perf_counter() - start
         save_response_pool(pool, pool_dir)
-        print(f"sampled {len(pool) * args.num_responses} responses in {sampling_seconds:.0f}s "
-              f"({len(pool) * args.num_responses / sampling_seconds:.2f} responses/s)")
+        print(
+            f"sampled {len(pool) * args.num_responses} responses in {sampling_seconds:.0f}s "
+            f"({len(pool) * args.num_responses / sampling_seconds:.2f} responses/s)"
+        )
     num_train = int(round(0.9 * len(pool)))
     train_pool, heldout_pool = pool.select(range(num_train)), pool.select(range(num_train, len(pool)))
 
@@ -138,8 +149,9 @@ def main() -> None:
         seed=args.seed,
         use_cpu=device == "cpu",
     )
-    trainer = CLaPTrainer(model=model, args=config, train_dataset=train_pool, eval_dataset=heldout_pool,
-                          processing_class=tokenizer)
+    trainer = CLaPTrainer(
+        model=model, args=config, train_dataset=train_pool, eval_dataset=heldout_pool, processing_class=tokenizer
+    )
     start = time.perf_counter()
     train_output = trainer.train()
     training_seconds = time.perf_counter() - start
@@ -148,16 +160,22 @@ def main() -> None:
     # 3. Held-out evidence.
     metrics = trainer.evaluate()
     active, per_dim_kl = active_dimensions(model, tokenizer, heldout_pool, config.active_dim_threshold)
-    sample = {"do_sample": True, "top_k": 50, "temperature": 1.0, "max_new_tokens": args.max_new_tokens,
-              "pad_token_id": tokenizer.pad_token_id}
+    sample = {
+        "do_sample": True,
+        "top_k": 50,
+        "temperature": 1.0,
+        "max_new_tokens": args.max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     greedy = {"do_sample": False, "max_new_tokens": args.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
     across, within, greedy_distinct, greedy_all_different = [], [], [], 0
     generator = torch.Generator().manual_seed(args.seed)
     for row in heldout_pool:
         latents = torch.randn(args.num_latents, model.config.latent_dim, generator=generator).to(device)
         across.append(distinct_n(decode(model, tokenizer, row["prompt"], latents, **sample)))
-        within.append(distinct_n(decode(model, tokenizer, row["prompt"], latents[:1].repeat(args.num_latents, 1),
-                                        **sample)))
+        within.append(
+            distinct_n(decode(model, tokenizer, row["prompt"], latents[:1].repeat(args.num_latents, 1), **sample))
+        )
         texts = decode(model, tokenizer, row["prompt"], latents, **greedy)
         greedy_distinct.append(distinct_n(texts))
         greedy_all_different += len(set(texts)) == len(texts)
@@ -166,17 +184,32 @@ def main() -> None:
 
     k = args.num_responses
     results = {
-        "machine": {"device": device, "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
-        "versions": {"hf_prefalign": hf_prefalign.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "machine": {
+            "device": device,
+            "cpu_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        },
+        "versions": {
+            "hf_prefalign": hf_prefalign.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "settings": {key: value for key, value in vars(args).items() if key not in ("output_dir", "output_json")},
-        "pool": {"prompts": len(pool), "train_prompts": len(train_pool), "heldout_prompts": len(heldout_pool),
-                 "responses_per_prompt": k, "sampling_seconds": sampling_seconds,
-                 "responses_per_second": None if sampling_seconds is None else len(pool) * k / sampling_seconds},
-        "training": {"seconds": training_seconds, "steps": train_output.global_step,
-                     "seconds_per_step": training_seconds / max(train_output.global_step, 1),
-                     "final_logs": [log for log in trainer.state.log_history if "loss/nll" in log][-3:]},
+        "pool": {
+            "prompts": len(pool),
+            "train_prompts": len(train_pool),
+            "heldout_prompts": len(heldout_pool),
+            "responses_per_prompt": k,
+            "sampling_seconds": sampling_seconds,
+            "responses_per_second": None if sampling_seconds is None else len(pool) * k / sampling_seconds,
+        },
+        "training": {
+            "seconds": training_seconds,
+            "steps": train_output.global_step,
+            "seconds_per_step": training_seconds / max(train_output.global_step, 1),
+            "final_logs": [log for log in trainer.state.log_history if "loss/nll" in log][-3:],
+        },
         "heldout": {
             "contrastive_accuracy": metrics["eval_contrastive/accuracy"],
             "chance": 1 / k,
@@ -198,6 +231,54 @@ def main() -> None:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"written to {args.output_json}")
+    if args.output_table:
+        Path(args.output_table).write_text(render_table(results))
+        print(f"written to {args.output_table}")
+
+
+def render_table(results: dict) -> str:
+    """The figures of one run as a Markdown page (generated; do not edit by hand)."""
+    held, pool, training = results["heldout"], results["pool"], results["training"]
+    settings = results["settings"]
+    rate = pool["responses_per_second"]
+    lines = [
+        "<!-- generated by examples/clap_evidence.py; do not edit -->",
+        "# CLaP on SmolLM2-135M-Instruct: measured",
+        "",
+        f"Device: {results['machine']['device']} ({results['machine']['cpu_threads']} threads). "
+        f"Pool: {pool['prompts']} bundled prompts x {pool['responses_per_prompt']} responses "
+        f"({settings['max_new_tokens']} new tokens max); CLaP trained on {pool['train_prompts']} prompts, "
+        f"evaluated on the {pool['heldout_prompts']} held-out ones. Settings: lr {settings['learning_rate']}, "
+        f"{settings['num_epochs']} epoch(s), {settings['responses_per_step'] or 'all'} responses per step, "
+        f"{settings['negatives']} contrastive negatives per response.",
+        "",
+        "| held-out measure | value | target |",
+        "| --- | ---: | --- |",
+        f"| contrastive accuracy (own z ranked first of {pool['responses_per_prompt']}) | "
+        f"{held['contrastive_accuracy']:.3f} ({held['accuracy_over_chance']:.2f}x chance {held['chance']:.3f}) | "
+        ">= 3x chance |",
+        f"| active latent dimensions (KL > 0.01 nat) | {held['active_dims']} / {held['latent_dim']} | > half |",
+        f"| distinct-2 across 4 prior z (sampled) | {held['distinct2_across_z_sampled']:.3f} | > within one z |",
+        f"| distinct-2 within one z (sampled) | {held['distinct2_within_z_sampled']:.3f} | |",
+        f"| distinct-2 across 4 prior z (greedy) | {held['distinct2_across_z_greedy']:.3f} | |",
+        f"| prompts whose 4 greedy responses (4 z) all differ | {held['greedy_all_different_fraction']:.2f} | |",
+        f"| NLL of responses, posterior mean z | {held['nll_posterior_mean']:.4f} | < NLL with z = 0 |",
+        f"| NLL of responses, z = 0 | {held['nll_zero_latent']:.4f} | |",
+        "",
+        "| one-time cost (wall time) | value |",
+        "| --- | ---: |",
+        "| pool sampling | "
+        + (
+            "reused"
+            if pool["sampling_seconds"] is None
+            else f"{pool['sampling_seconds']:.0f} s ({rate:.2f} responses/s)"
+        )
+        + " |",
+        f"| CLaP training loop | {training['seconds']:.0f} s ({training['steps']} steps, "
+        f"{training['seconds_per_step']:.1f} s/step) |",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

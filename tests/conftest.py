@@ -24,6 +24,10 @@ from hf_prefalign import PrefAlignForCausalLM
 VOCAB = 96
 LATENT_DIM = 8
 
+# Tiny models run fastest on one thread, and a second OpenMP thread spinning on a busy core slows every small op by
+# orders of magnitude when anything else runs on the machine.
+torch.set_num_threads(1)
+
 
 def make_tiny_base(family: str, seed: int = 0) -> PreTrainedModel:
     """A 3-layer causal LM of `family` with a 96-token vocabulary; GQA (4 query / 2 KV heads) where it exists."""

@@ -480,19 +480,20 @@ def test_max_responses_takes_a_subset_from_one_prompt(tmp_path):
     expected = _expected_groups(tokenized)
     sizes = [len(r) for r in tokenized["responses_input_ids"]]
     big, small = sizes.index(4), sizes.index(2)
-    collator = DataCollatorForResponseGroups(pad_token_id=0, max_responses=2)
-    torch.manual_seed(0)
     subsets = set()
-    for _ in range(20):
+    for seed in range(20):
+        collator = DataCollatorForResponseGroups(pad_token_id=0, max_responses=2, seed=seed)
         groups = _groups(collator([tokenized[big], tokenized[small]]))
+        again = _groups(collator([tokenized[small], tokenized[big]]))
         big_prompt, small_prompt = (tuple(tokenized[i]["prompt_input_ids"]) for i in (big, small))
         assert list(groups) == [big_prompt, small_prompt]
         assert len(groups[big_prompt]) == 2
         assert len(set(groups[big_prompt])) == 2, "a response was drawn twice"
         assert set(groups[big_prompt]) <= set(expected[big_prompt]), "a response from another prompt"
         assert groups[small_prompt] == expected[small_prompt], "a group within the cap stays whole"
+        assert again[big_prompt] == groups[big_prompt], "the subset is a function of (seed, prompt), not of the batch"
         subsets.add(tuple(groups[big_prompt]))
-    assert len(subsets) > 1, "the subset should change from step to step"
+    assert len(subsets) > 1, "the subset should change with the seed"
 
 
 def test_evaluation_uses_every_response_even_with_responses_per_step(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +17,9 @@ class DataCollatorForResponseGroups:
     `list[list[int]]`, responses ending with EOS). Because a dataset row is a whole group, any sampler (shuffled,
     distributed, with gradient accumulation) yields whole groups: no stateful wrapper is needed.
 
-    With `max_responses`, a group larger than that contributes a random subset of its responses (bounding the cost of
-    a step; contrastive negatives still come from the same prompt).
+    With `max_responses`, a group larger than that contributes a subset of its responses (bounding the cost of a
+    step; contrastive negatives still come from the same prompt). The subset is a pseudo-random function of `seed`
+    and the prompt, so it is the same in every epoch and after resuming.
 
     Returns `input_ids`, `attention_mask` and `labels` of shape `(N, T)` (right padding; prompt tokens and padding
     labelled -100) and `group_index` `(N,)`, the position of each sequence's prompt in the batch.
@@ -41,6 +43,7 @@ class DataCollatorForResponseGroups:
     pad_token_id: int
     label_pad_token_id: int = -100
     max_responses: int | None = None
+    seed: int = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences, labels, groups = [], [], []
@@ -48,8 +51,12 @@ class DataCollatorForResponseGroups:
             prompt = list(feature["prompt_input_ids"])
             responses = feature["responses_input_ids"]
             if self.max_responses is not None and len(responses) > self.max_responses:
-                # A random subset per step (torch's RNG, which Trainer checkpoints, so resuming replays it).
-                chosen = torch.randperm(len(responses))[: self.max_responses].sort().values
+                # A subset drawn from a generator seeded by (seed, prompt): stateless, so shuffling, distributed
+                # sampling and resuming from a checkpoint (where batches are prefetched) all see the same subset.
+                generator = torch.Generator().manual_seed(
+                    self.seed * 1_000_003 + zlib.crc32(bytes(str(prompt), "utf8"))
+                )
+                chosen = torch.randperm(len(responses), generator=generator)[: self.max_responses].sort().values
                 responses = [responses[int(i)] for i in chosen]
             for response in responses:
                 sequences.append(prompt + list(response))

@@ -71,12 +71,15 @@ def info_nce(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             response i; column 0 holds its own latent, the others are negatives from the same prompt.
 
     Returns:
-        `(loss, accuracy)`: mean cross-entropy towards column 0, and the fraction of rows ranking it first.
+        `(loss, accuracy)`: mean cross-entropy towards column 0, and the fraction of rows ranking it first. A row
+        whose own score ties with k-1 others counts 1/k (so identical latents score chance, not 100%).
     """
     scores = scores.float()
     target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
     loss = torch.nn.functional.cross_entropy(scores, target)
-    accuracy = (scores.argmax(-1) == 0).float().mean()
+    best = scores.max(dim=-1, keepdim=True).values
+    at_best = scores == best  # (N, C)
+    accuracy = (at_best[:, 0].float() / at_best.sum(-1).float()).mean()
     return loss, accuracy
 
 

@@ -101,7 +101,7 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         # Data collator
         if data_collator is None:
             data_collator = DataCollatorForResponseGroups(
-                pad_token_id=processing_class.pad_token_id, max_responses=args.responses_per_step
+                pad_token_id=processing_class.pad_token_id, max_responses=args.responses_per_step, seed=args.seed
             )
 
         # Dataset
@@ -285,6 +285,10 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
     # ------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end`: restore the best checkpoint the same way as a resume (base included)."""
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Restore the latent modules (and the base, when the checkpoint holds it) from a CLaP checkpoint."""
         backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(model or self.model)
