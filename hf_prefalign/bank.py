@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .hub.transfer import push_folder
 from .preference import PreferenceEmbedding
 from .utils.serialization import atomic_directory, write_json_atomic
 
@@ -158,6 +159,26 @@ class PreferenceBank:
                 "preference_ids": self.ids(),
             },
             directory / BANK_INDEX,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | bool | None = None,
+        private: bool | None = True,
+        revision: str | None = None,
+        commit_message: str = "Upload preference bank",
+    ) -> str:
+        """Upload every user as a folder `<id>/` of one repo (plus `bank.json`), in one commit.
+
+        One repo with a folder per user, not a repo per user: a bank of thousands of users stays one versioned object
+        (one commit updates many users atomically, one revision pins them all), while
+        `model.load_preference(repo_id, preference_id, subfolder=id)` still downloads a single user's files only.
+        Private by default: a bank is a list of users.
+        """
+        return push_folder(
+            self.save, repo_id, token=token, private=private, revision=revision, commit_message=commit_message
         )
 
     def load(self, directory: str | os.PathLike, lazy: bool = True) -> list[str]:

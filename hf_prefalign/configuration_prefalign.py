@@ -40,6 +40,9 @@ class PrefAlignConfig(PreTrainedConfig):
         gradient_skip_path (`bool`, *optional*, defaults to `False`):
             Add a gradient-only path z -> final hidden state (zero in the forward pass) that helps the encoder learn
             while the base LM is frozen. Active only in training mode.
+        training_summary (`dict`, *optional*):
+            Set by [`CLaPTrainer`]: what CLaP training did (data sizes, steps, time, settings, final metrics). Model
+            cards are generated from it.
         base_included (`bool`, *optional*, defaults to `False`):
             Set by `save_pretrained`: whether the checkpoint holds the full base LM (trained base) or only a reference
             to it (frozen base).
@@ -69,6 +72,7 @@ class PrefAlignConfig(PreTrainedConfig):
     num_encoder_queries: int = 4
     adapter_init_std: float = 0.02
     gradient_skip_path: bool = False
+    training_summary: dict | None = None
     base_included: bool = False
 
     def __post_init__(self, **kwargs):

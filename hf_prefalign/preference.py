@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from . import __version__
+from .hub.model_card import preference_card, write_card
+from .hub.transfer import pull_folder, push_folder
 from .modeling.distributions import DiagonalGaussian
-from .utils.constants import CONFIG_NAME, WEIGHTS_NAME
+from .utils.constants import CONFIG_NAME, README_NAME, WEIGHTS_NAME
 from .utils.serialization import load_tensors, save_tensors_atomic, write_json_atomic
 
 
@@ -34,6 +36,7 @@ class PreferenceEmbeddingConfig:
             keep the prior's variance from collapsing under the DPO objective.
         backbone_fingerprint (`str`): [`PrefAlignForCausalLM.fingerprint`] of the backbone it was trained against.
         base_model (`str`, *optional*): the backbone's base model reference (informational).
+        backbone (`str`, *optional*): the backbone's name or Hub repo, linked from the model card.
         training (`dict`): how it was trained (pairs, steps, beta, ... as recorded by [`LatentDPOTrainer`]).
     """
 
@@ -44,6 +47,7 @@ class PreferenceEmbeddingConfig:
     logvar_min: float = -5.0
     logvar_max: float = 2.0
     base_model: str | None = None
+    backbone: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
     hf_prefalign_version: str = __version__
     artefact_type: str = PREFERENCE_TYPE
@@ -113,8 +117,9 @@ class PreferenceEmbedding(nn.Module):
     # ------------------------------------------------------------------
     # Saving and loading
     # ------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write `config.json` and `model.safetensors` (each to a temporary name first, config last)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, repo_id: str | None = None) -> None:
+        """Write `model.safetensors`, `README.md` (a generated card) and `config.json`, each to a temporary name first,
+        the config last (a folder with a config is complete)."""
         save_directory = Path(save_directory)
         if save_directory.is_file():
             raise ValueError(f"save_directory ({save_directory}) must be a directory, not a file.")
@@ -123,12 +128,61 @@ class PreferenceEmbedding(nn.Module):
         save_tensors_atomic(
             {name: p.detach() for name, p in self.named_parameters()}, save_directory / WEIGHTS_NAME, metadata
         )
+        size = (save_directory / WEIGHTS_NAME).stat().st_size
+        write_card(preference_card, save_directory / README_NAME, self, repo_id=repo_id, size_bytes=size)
         write_json_atomic(asdict(self.config), save_directory / CONFIG_NAME)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        path_in_repo: str | None = None,
+        commit_message: str = "Upload preference embedding",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> str:
+        """Upload this embedding (config, weights, card) to a Hub repo, or to `path_in_repo` inside it."""
+        return push_folder(
+            lambda folder: self.save_pretrained(folder, repo_id=repo_id),
+            repo_id,
+            path_in_repo=path_in_repo,
+            token=token,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+        )
+
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> PreferenceEmbedding:
-        """Load a preference embedding saved by [`~PreferenceEmbedding.save_pretrained`] from a local directory."""
-        path = Path(path)
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+    ) -> PreferenceEmbedding:
+        """Load a preference embedding from a local directory or a Hub repo (only `subfolder` is downloaded when
+        given; `HF_HUB_OFFLINE` reads the cache only)."""
+        local = Path(path) / subfolder if subfolder else Path(path)
+        if local.is_dir():
+            path = local
+        elif Path(path).exists():
+            raise FileNotFoundError(f"No preference embedding at {local}.")
+        else:
+            path = pull_folder(
+                str(path),
+                subfolder=subfolder,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                what="preference embedding",
+            )
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"No preference embedding at {path}: {CONFIG_NAME} is missing.")

@@ -44,7 +44,7 @@ def test_frozen_base_round_trip(saved_base_path, tmp_path):
     model.save_pretrained(tmp_path / "backbone")
 
     files = sorted(p.name for p in (tmp_path / "backbone").iterdir())
-    assert files == ["config.json", "generation_config.json", "model.safetensors"]
+    assert files == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     saved = load_file(tmp_path / "backbone" / "model.safetensors")
     assert all(name.startswith(("latent_encoder.", "latent_adapter.")) for name in saved)
     config = json.loads((tmp_path / "backbone" / "config.json").read_text())

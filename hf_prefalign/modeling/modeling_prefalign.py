@@ -28,11 +28,14 @@ from transformers.utils import logging
 
 from .. import __version__
 from ..configuration_prefalign import PrefAlignConfig
+from ..hub.model_card import backbone_card, write_card
+from ..hub.transfer import pull_folder, push_folder
 from ..loading import load_base_model, load_default_base
 from ..utils.constants import (
     BASE_MODEL_SUBFOLDER,
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
+    README_NAME,
     WEIGHTS_NAME,
 )
 from ..utils.serialization import (
@@ -368,15 +371,30 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         return bank
 
     def load_preference(
-        self, path: str | os.PathLike | PreferenceEmbedding, preference_id: str, overwrite: bool = False
+        self,
+        path: str | os.PathLike | PreferenceEmbedding,
+        preference_id: str,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        overwrite: bool = False,
     ) -> None:
-        """Register a user's preference embedding (a directory or an instance) in [`preferences`] under an id.
+        """Register a user's preference embedding in [`preferences`] under `preference_id`.
 
-        It is read and checked against this backbone now, so a corrupt file or a foreign embedding is never registered.
+        `path` is an instance, a local directory, or a Hub repo (`subfolder` picks one user of a bank repo and only
+        its files are downloaded). It is read and checked against this backbone before it is registered, so a corrupt
+        file, an interrupted download or a foreign embedding never leaves a half-registered user.
         """
         from ..preference import PreferenceEmbedding
 
-        embedding = path if isinstance(path, PreferenceEmbedding) else PreferenceEmbedding.from_pretrained(path)
+        if isinstance(path, PreferenceEmbedding):
+            embedding = path
+        else:
+            embedding = PreferenceEmbedding.from_pretrained(
+                path, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir
+            )
         self.preferences.add(preference_id, embedding, overwrite=overwrite)
 
     @torch.no_grad()
@@ -614,6 +632,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         save_base: bool | None = None,
         is_main_process: bool = True,
         push_to_hub: bool = False,
+        repo_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Save the backbone; every file is written to a temporary name and renamed into place.
@@ -627,6 +646,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             state_dict (`dict`, *optional*): tensors to save instead of `self.state_dict()` (latent entries only are used).
             save_base (`bool`, *optional*): force saving (or not) the full base; by default, saved iff not frozen.
             is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes.
+            repo_id (`str`, *optional*): the Hub repo the save is meant for (used in the model card's usage snippet).
         """
         if push_to_hub:
             raise ValueError(
@@ -657,11 +677,41 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
 
         if self.generation_config is not None:
             write_json_atomic(self.generation_config.to_dict(), save_directory / GENERATION_CONFIG_NAME)
+        write_card(backbone_card, save_directory / README_NAME, self, repo_id=repo_id)
         config = copy.deepcopy(self.config)
         config.base_included = save_base
         config.architectures = [type(self).__name__]
         # Written last: a directory with a config.json is a complete checkpoint.
         write_json_atomic(json.loads(config.to_json_string(use_diff=False)), save_directory / CONFIG_NAME)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload PrefAlign backbone",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        save_base: bool | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Upload the backbone (as `save_pretrained` writes it, model card included) to a Hub repo; returns the commit URL.
+
+        A frozen-base backbone's repo holds only the latent modules and the base reference, and its card declares
+        `base_model`. Tokens, private repos and revisions are handled by `huggingface_hub`.
+        """
+        if kwargs:
+            logger.warning(f"PrefAlignForCausalLM.push_to_hub ignores {sorted(kwargs)}.")
+        return push_folder(
+            lambda folder: self.save_pretrained(folder, save_base=save_base, repo_id=repo_id),
+            repo_id,
+            token=token,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+        )
 
     def load_latent_weights(self, path: str | os.PathLike) -> None:
         """Load the latent modules' tensors from a safetensors file written by `save_pretrained` (strict)."""
@@ -778,27 +828,18 @@ def _resolve_checkpoint_dir(
     cache_dir: str | os.PathLike | None,
     local_files_only: bool,
 ) -> Path:
-    """A local checkpoint directory, downloading a Hub repo snapshot when needed."""
+    """A local checkpoint directory, downloading a Hub repo snapshot when needed (cache only when offline)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_OFFLINE
-
-    try:
-        return Path(
-            snapshot_download(
-                str(name_or_path),
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only or HF_HUB_OFFLINE,
-            )
-        )
-    except Exception as err:
-        raise OSError(
-            f"{str(name_or_path)!r} is neither a local directory nor a reachable Hub repo of a PrefAlign backbone: {err}"
-        ) from err
+    return pull_folder(
+        str(name_or_path),
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        what="PrefAlign backbone",
+    )
 
 
 def _load_config(directory: Path) -> PrefAlignConfig:

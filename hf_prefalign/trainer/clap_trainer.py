@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +262,62 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
             finally:
                 self.data_collator = collator
         return super().get_eval_dataloader(eval_dataset)
+
+    # ------------------------------------------------------------------
+    # What training did (feeds the model card)
+    # ------------------------------------------------------------------
+    _SUMMARY_SETTINGS = (
+        "learning_rate",
+        "num_train_epochs",
+        "max_steps",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "nll_weight",
+        "kl_weight",
+        "contrastive_weight",
+        "kl_estimator",
+        "kl_samples",
+        "contrastive_num_negatives",
+        "responses_per_step",
+        "freeze_base",
+        "gradient_skip_path",
+        "max_length",
+        "seed",
+    )
+
+    def train(self, *args: Any, **kwargs: Any):
+        start = time.perf_counter()
+        output = super().train(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        dataset = self.train_dataset
+        logs = [
+            log for log in self.state.log_history if "loss/nll" in log and not any(k.startswith("eval_") for k in log)
+        ]
+        final = logs[-1] if logs else {}
+        backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(self.model)
+        backbone.config.training_summary = {
+            "method": "clap",
+            "prompts": len(dataset) if dataset is not None else None,
+            "responses": sum(len(r) for r in dataset["responses_input_ids"]) if dataset is not None else None,
+            "steps": output.global_step,
+            "train_seconds": round(seconds, 1),
+            "settings": {key: getattr(self.args, key) for key in self._SUMMARY_SETTINGS},
+            "final_metrics": {
+                key: round(value, 4)
+                for key, value in final.items()
+                if key.split("/")[0] in ("loss", "contrastive", "latent") and isinstance(value, float)
+            },
+        }
+        return output
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        metrics = super().evaluate(*args, **kwargs)
+        backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(self.model)
+        if backbone.config.training_summary is not None:
+            backbone.config.training_summary["evaluation"] = {
+                key: round(value, 4) for key, value in metrics.items() if "/" in key and isinstance(value, float)
+            }
+        return metrics
 
     @staticmethod
     def _positions_to_score(labels: torch.Tensor) -> int:

