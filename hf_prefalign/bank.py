@@ -6,7 +6,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -27,17 +27,23 @@ class PreferenceBank:
     instantly. Reads and writes are guarded by a lock, so generation threads can share a bank.
 
     Args:
-        fingerprint (`str`): the backbone's [`~PrefAlignForCausalLM.fingerprint`].
+        fingerprint (`str` or `Callable[[], str]`): the backbone's [`~PrefAlignForCausalLM.fingerprint`], or a
+            function returning it (then computed at each registration, so the bank follows a backbone trained after
+            the bank was created).
         latent_dim (`int`), feature_dim (`int`): the backbone's latent size and prompt feature size.
     """
 
-    def __init__(self, fingerprint: str, latent_dim: int, feature_dim: int):
-        self.fingerprint = fingerprint
+    def __init__(self, fingerprint: str | Callable[[], str], latent_dim: int, feature_dim: int):
+        self._fingerprint = fingerprint
         self.latent_dim = latent_dim
         self.feature_dim = feature_dim
         self._loaded: dict[str, PreferenceEmbedding] = {}
         self._lazy: dict[str, Path] = {}
         self._lock = threading.RLock()
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint() if callable(self._fingerprint) else self._fingerprint
 
     # ------------------------------------------------------------------
     # Registry

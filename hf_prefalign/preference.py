@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .hub.model_card import preference_card, write_card
+from .hub.model_card import looks_like_repo_id, preference_card, write_card
 from .hub.transfer import pull_folder, push_folder
 from .modeling.distributions import DiagonalGaussian
 from .utils.constants import CONFIG_NAME, README_NAME, WEIGHTS_NAME
@@ -171,8 +171,8 @@ class PreferenceEmbedding(nn.Module):
         local = Path(path) / subfolder if subfolder else Path(path)
         if local.is_dir():
             path = local
-        elif Path(path).exists():
-            raise FileNotFoundError(f"No preference embedding at {local}.")
+        elif Path(path).exists() or not looks_like_repo_id(str(path)):
+            raise FileNotFoundError(f"No preference embedding at {local}: no such directory (nor a Hub repo id).")
         else:
             path = pull_folder(
                 str(path),

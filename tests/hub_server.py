@@ -1,13 +1,14 @@
 """A test double of the Hugging Face Hub's HTTP protocol.
 
 It implements only what `huggingface_hub`'s client (2.4.0) calls for `create_repo`, upload (preupload + commit),
-file and snapshot download and revision info, plus the small read-only extras `list_repo_tree`, `list_repo_refs`,
-`list_repo_commits` and `whoami`. It is a pure standard-library `ThreadingHTTPServer` on 127.0.0.1 (free port),
-run in a background thread; nothing else is contacted.
+file and snapshot download and revision info, plus the small extras `list_repo_tree`, `list_repo_refs`,
+`list_repo_commits`, `create_branch` and `whoami`. It is a pure standard-library `ThreadingHTTPServer` on 127.0.0.1
+(free port), run in a background thread; nothing else is contacted.
 
-Usage from a test module (the fixture is function-scoped and needs no conftest.py)::
+Usage from a test module (the fixture, named `hub_server`, is function-scoped and needs no conftest.py; importing
+it under its function name keeps ruff's F811 quiet where tests take a `hub_server` argument)::
 
-    from hub_server import hub_server  # noqa: F401  (pytest fixture)
+    from hub_server import hub_server_fixture  # noqa: F401  (provides the `hub_server` fixture)
 
     def test_push(hub_server, tmp_path):
         api = HfApi(endpoint=hub_server.endpoint, token="hf_test")
@@ -24,9 +25,9 @@ While the server runs, the real client talks to it: `HF_ENDPOINT` is set and the
 time are patched (`constants.ENDPOINT`, `constants.HUGGINGFACE_CO_URL_TEMPLATE`, the default `hf_api.api` instance's
 endpoint, transformers' cached `HfApi`), the cache, home and token paths point into a fresh tmp dir (the cache starts
 empty, no stored token is picked up, `HF_TOKEN` is unset), Xet and telemetry are off (the env vars alone do nothing,
-`constants` reads them at import) and `HF_HUB_OFFLINE` is off. Outgoing socket connections to anything but loopback
-are refused and recorded in `server.blocked_connections`, which must be empty at the end. Everything is restored and
-the server is shut down afterwards.
+`constants` reads them at import) and `HF_HUB_OFFLINE` is off. Socket connections and DNS look-ups for anything but
+loopback are refused and recorded in `server.blocked_connections`, which must be empty at the end. Everything is
+restored and the server is shut down afterwards.
 
 Storage: blobs are files under the server's tmp dir, named by their git blob sha1 (which is also the ETag and the
 `blobId`). Each repo ("model", "dataset" or "space", id "owner/name") has branches ("main" at creation) pointing to
@@ -36,7 +37,10 @@ a branch name or a full commit sha. New repos hold a `.gitattributes` file, as o
 Any `Authorization: Bearer <token>` is accepted and means user `server.username`. Private repos answer 401 with
 `X-Error-Code: RepoNotFound` without one (the client raises `RepositoryNotFoundError`), missing repos 404 with the same
 code; writes (create, preupload, commit) need a token. The preupload answers "regular" for every file, so contents come
-inline (base64) in the commit's NDJSON; LFS, Xet, pull requests and tags are not implemented.
+inline (base64) in the commit's NDJSON; `create_pr=True` makes a `refs/pr/N` branch, `create_branch` works, README.md
+metadata always validates. LFS, Xet, tags, discussions and deletions of repos/branches are not implemented. A route it
+does not implement (404) or a request it fails on (400, not 5xx, which the client would retry with backoff) is recorded
+in `server.errors`, which must be empty at the end: the fixture's teardown asserts it.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ def git_blob_sha(data: bytes) -> str:
 class RecordedRequest:
     method: str
     path: str  # percent-decoded URL path, without the query string
+    raw_path: str  # the path as sent (a revision like `refs/pr/1` is one `refs%2Fpr%2F1` segment)
     query: dict[str, list[str]]
     headers: dict[str, str]  # names lower-cased
 
@@ -126,12 +131,13 @@ class HubServer:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[RecordedRequest] = []
         self.blocked_connections: list[object] = []
+        self.errors: list[str] = []  # requests the double failed on or does not implement
         self.lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.hub = self  # type: ignore[attr-defined]
         self.endpoint = f"http://127.0.0.1:{self._httpd.server_port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="hub-server", daemon=True)
 
     def start(self) -> HubServer:
         self._thread.start()
@@ -155,9 +161,9 @@ class HubServer:
         """Filenames fetched (GET on /resolve/) from `repo_id`, in request order."""
         prefix = f"/{URL_PREFIXES[repo_type]}{repo_id}/resolve/"
         return [
-            r.path[len(prefix) :].split("/", 1)[1]
+            unquote(r.raw_path[len(prefix) :].split("/", 1)[1])
             for r in self.requests
-            if r.method == "GET" and r.path.startswith(prefix)
+            if r.method == "GET" and r.raw_path.startswith(prefix)
         ]
 
     # -- storage ------------------------------------------------------------------------------------------------
@@ -205,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
         headers = {name.lower(): value for name, value in self.headers.items()}
-        self.hub.requests.append(RecordedRequest(self.command, unquote(url.path), self.query, headers))
+        self.hub.requests.append(RecordedRequest(self.command, unquote(url.path), url.path, self.query, headers))
         self.token = headers.get("authorization", "").removeprefix("Bearer ").strip() or None
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if self.command == "POST" else b""
         # Split the raw path before unquoting: revisions come quoted with safe="" (`refs%2Fpr%2F1` is one segment).
@@ -217,6 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
             extra_headers = {**error.headers, "X-Error-Message": str(error)}
             if error.code:
                 extra_headers["X-Error-Code"] = error.code
+        except Exception as error:  # answer 400, not 500: the client retries 5xx with backoff
+            self.hub.errors.append(f"{self.command} {self.path}: {error!r}")
+            status, payload, extra_headers = 400, {"error": f"Hub test double failed: {error!r}"}, {}
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.send_response(status)
         extra_headers.setdefault("Content-Type", "application/json")
@@ -231,6 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
         method = self.command
         if parts == ["api", "repos", "create"] and method == "POST":
             return self._create_repo(json.loads(body))
+        if parts == ["api", "validate-yaml"] and method == "POST":  # README.md metadata: accept anything
+            return 200, {"errors": [], "warnings": []}, {}
         if parts == ["api", "whoami-v2"] and method == "GET":
             if self.token is None:
                 raise HubError(401, "Invalid credentials in Authorization header")
@@ -243,8 +254,9 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "GET" and action == "tree" and rest:
                 return self._tree(repo, rest[0], "/".join(rest[1:]))
             if method == "GET" and action == "refs":
-                branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo.branches.items()]
-                return 200, {"branches": branches, "converts": [], "tags": [], "pullRequests": []}, {}
+                return self._refs(repo)
+            if method == "POST" and action == "branch" and len(rest) == 1:
+                return self._create_branch(repo, rest[0], json.loads(body or b"{}"))
             if method == "GET" and action == "commits" and len(rest) == 1:
                 return self._commits(repo, rest[0])
             if method == "POST" and action == "preupload" and len(rest) == 1:
@@ -255,6 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
         parts = parts[1:] if repo_type != "model" else parts
         if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
             return self._resolve(self._repo(repo_type, f"{parts[0]}/{parts[1]}"), parts[3], "/".join(parts[4:]))
+        self.hub.errors.append(f"{method} {self.path}: not implemented")
         raise HubError(404, f"{method} {self.path} is not implemented by the Hub test double")
 
     def _repo(self, repo_type: str, repo_id: str) -> Repo:
@@ -290,6 +303,23 @@ class _Handler(BaseHTTPRequestHandler):
             )
             self.hub.repos[(repo_type, repo_id)] = repo
         return 200, {"url": url, "name": repo_id, "id": repo_id}, {}
+
+    def _refs(self, repo: Repo) -> tuple[int, object, dict]:
+        refs: dict[str, list] = {"branches": [], "pullRequests": [], "converts": [], "tags": []}
+        for name, oid in repo.branches.items():
+            if name.startswith("refs/pr/"):
+                refs["pullRequests"].append({"name": name, "ref": name, "targetCommit": oid})
+            else:
+                refs["branches"].append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid})
+        return 200, refs, {}
+
+    def _create_branch(self, repo: Repo, branch: str, payload: dict) -> tuple[int, object, dict]:
+        self._require_token()
+        with self.hub.lock:
+            if branch in repo.branches:
+                raise HubError(409, f"Reference refs/heads/{branch} already exists")
+            repo.branches[branch] = self._revision(repo, payload.get("startingPoint") or "main").oid
+        return 200, {}, {}
 
     def _info(self, repo: Repo, revision: str) -> tuple[int, object, dict]:
         commit = self._revision(repo, revision)
@@ -355,8 +385,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _commit(self, repo: Repo, branch: str, body: bytes) -> tuple[int, object, dict]:
         self._require_token()
-        if "create_pr" in self.query:
-            raise HubError(400, "Pull requests are not implemented by the Hub test double")
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         with self.hub.lock:
             if branch not in repo.branches:
@@ -382,9 +410,14 @@ class _Handler(BaseHTTPRequestHandler):
                     files = {p: oid for p, oid in files.items() if not p.startswith(folder)}
                 else:
                     raise HubError(400, f"Commit operation {key!r} is not implemented by the Hub test double")
+            pr_url = None
+            if self.query.get("create_pr") == ["1"]:  # a pull request is a `refs/pr/N` branch off `branch`
+                number = 1 + sum(name.startswith("refs/pr/") for name in repo.branches)
+                branch, pr_url = f"refs/pr/{number}", f"{self.hub.endpoint}/{repo.url_path}/discussions/{number}"
+                repo.branches[branch] = head.oid
             commit = self.hub.add_commit(repo, branch, header.get("summary", ""), header.get("description", ""), files)
         url = f"{self.hub.endpoint}/{repo.url_path}/commit/{commit.oid}"
-        return 200, {"success": True, "commitOid": commit.oid, "commitUrl": url, "pullRequestUrl": None}, {}
+        return 200, {"success": True, "commitOid": commit.oid, "commitUrl": url, "pullRequestUrl": pr_url}, {}
 
     def _resolve(self, repo: Repo, revision: str, filename: str) -> tuple[int, object, dict]:
         commit = self._revision(repo, revision)
@@ -445,16 +478,23 @@ def _patch_client(server: HubServer, home: Path, mp: pytest.MonkeyPatch) -> None
     if "transformers.utils.hub" in sys.modules:  # transformers caches one HfApi (and its endpoint)
         mp.setattr(sys.modules["transformers.utils.hub"], "_hf_api", None)
 
-    real_connect = socket.socket.connect
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
 
-    def loopback_only(sock, address):
-        host = address[0] if isinstance(address, tuple) else None
-        if host is not None and not (host.startswith("127.") or host in ("::1", "localhost")):
-            server.blocked_connections.append(address)
-            raise ConnectionRefusedError(f"hub_server: blocked a connection to {address!r} (loopback only)")
+    def refuse_non_loopback(host: object, what: object) -> None:
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("::1", "localhost")):
+            server.blocked_connections.append(what)
+            raise ConnectionRefusedError(f"hub_server: blocked {what!r} (loopback only)")
+
+    def connect(sock, address):
+        refuse_non_loopback(address[0] if isinstance(address, tuple) else None, address)
         return real_connect(sock, address)
 
-    mp.setattr(socket.socket, "connect", loopback_only)
+    def getaddrinfo(host, *args, **kwargs):  # no DNS look-up of other hosts either
+        refuse_non_loopback(host.decode() if isinstance(host, bytes) else host, host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    mp.setattr(socket.socket, "connect", connect)
+    mp.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
 @contextlib.contextmanager
@@ -475,10 +515,14 @@ def serve_hub(root: Path) -> Iterator[HubServer]:
             if hub_module is not None and getattr(hub_module._hf_api, "endpoint", None) == server.endpoint:
                 hub_module._hf_api = None  # created during the test (transformers imported late): forget it
     assert not server.blocked_connections, f"non-loopback connections attempted: {server.blocked_connections}"
+    assert not server.errors, f"the Hub test double failed on: {server.errors}"
 
 
-@pytest.fixture
-def hub_server(tmp_path: Path) -> Iterator[HubServer]:
+@pytest.fixture(name="hub_server")
+def hub_server_fixture(tmp_path: Path) -> Iterator[HubServer]:
     """A running Hub test double; the `huggingface_hub` client (and transformers) talk to it for this test."""
     with serve_hub(tmp_path / "hub") as server:
         yield server
+
+
+hub_server = hub_server_fixture  # `from hub_server import hub_server` works too, but ruff then flags F811 at each use

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hub_server import HubServer, hub_server_fixture, serve_hub  # noqa: F401
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -14,7 +15,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from hub_server import HubServer, hub_server, serve_hub  # noqa: F401
 
 
 TOKEN = "hf_test_token"
@@ -64,10 +64,9 @@ def test_upload_folder_then_download_into_empty_cache(hub_server: HubServer, api
         repo_id="owner/tiny", folder_path=make_folder(tmp_path / "up", {"config.json": config, "weights.bin": BINARY})
     )
     assert info.oid == hub_server.repo("owner/tiny").branches["main"]
-    assert hub_server.files("owner/tiny") == {".gitattributes": hub_server.files("owner/tiny")[".gitattributes"]} | {
-        "config.json": config,
-        "weights.bin": BINARY,
-    }
+    stored = hub_server.files("owner/tiny")
+    assert (stored["config.json"], stored["weights.bin"]) == (config, BINARY)
+    assert len(hub_server.repo("owner/tiny").history()) == 2  # "initial commit" (.gitattributes) + the upload
     siblings = {s.rfilename for s in api.model_info("owner/tiny").siblings}
     assert siblings == {".gitattributes", "config.json", "weights.bin"}
 
@@ -173,6 +172,38 @@ def test_missing_repo_revision_and_file_raise_specific_errors(hub_server: HubSer
         api.model_info("owner/exists", revision="0" * 40)
 
 
+def test_readme_pull_request_branch_and_path_in_repo(hub_server: HubServer, api: HfApi, tmp_path: Path):
+    api.create_repo("owner/card")
+    card = b"---\nlicense: mit\ntags: [test]\n---\n# Card\n"
+    api.upload_folder(
+        repo_id="owner/card", folder_path=make_folder(tmp_path / "up", {"README.md": card}), path_in_repo="x"
+    )
+    assert hub_server.files("owner/card")["x/README.md"] == card  # the client validated the YAML first
+    assert any(r.path == "/api/validate-yaml" for r in hub_server.requests)
+
+    pr = api.upload_file(path_or_fileobj=b"proposal", path_in_repo="p.txt", repo_id="owner/card", create_pr=True)
+    assert pr.pr_revision == "refs/pr/1" and pr.pr_num == 1
+    assert "p.txt" not in hub_server.files("owner/card")
+    assert Path(hf_hub_download("owner/card", "p.txt", revision="refs/pr/1")).read_bytes() == b"proposal"
+    assert hub_server.downloaded("owner/card") == ["p.txt"]
+
+    api.create_branch("owner/card", branch="dev")
+    api.create_branch("owner/card", branch="dev", exist_ok=True)
+    api.upload_file(path_or_fileobj=b"dev", path_in_repo="d.txt", repo_id="owner/card", revision="dev")
+    refs = api.list_repo_refs("owner/card", include_pull_requests=True)
+    assert {b.name for b in refs.branches} == {"main", "dev"} and [p.ref for p in refs.pull_requests] == ["refs/pr/1"]
+    assert api.list_repo_files("owner/card", revision="dev") == [".gitattributes", "d.txt", "x/README.md"]
+    with pytest.raises(RevisionNotFoundError):
+        api.upload_file(path_or_fileobj=b"?", path_in_repo="q.txt", repo_id="owner/card", revision="no-branch")
+
+    api.delete_folder("x", repo_id="owner/card", revision="dev")
+    api.delete_file("d.txt", repo_id="owner/card", revision="dev")
+    assert api.list_repo_files("owner/card", revision="dev") == [".gitattributes"]
+    assert "x/README.md" in hub_server.files("owner/card")  # main's snapshot is untouched
+    with pytest.raises(RemoteEntryNotFoundError):
+        api.delete_file("d.txt", repo_id="owner/card", revision="dev")
+
+
 def test_dataset_repos_use_the_datasets_prefix(hub_server: HubServer, api: HfApi):
     api.create_repo("owner/data", repo_type="dataset", private=True)
     api.upload_file(path_or_fileobj=b"a,b\n1,2\n", path_in_repo="train.csv", repo_id="owner/data", repo_type="dataset")
@@ -196,6 +227,31 @@ def test_transformers_auto_config_loads_from_the_double(hub_server: HubServer, a
     assert (config.model_type, config.n_layer, config.vocab_size) == ("gpt2", 3, 50)
     assert AutoConfig.from_pretrained("owner/gpt2-tiny", revision=first.oid).n_layer == 2
     assert "config.json" in hub_server.downloaded("owner/gpt2-tiny")
+
+
+def test_resolve_headers_and_error_codes_on_the_wire(hub_server: HubServer, api: HfApi):
+    import httpx2
+
+    api.create_repo("owner/wire")
+    commit = api.upload_file(path_or_fileobj=b"12345", path_in_repo="f.bin", repo_id="owner/wire")
+    head = httpx2.head(f"{hub_server.endpoint}/owner/wire/resolve/main/f.bin")
+    assert head.status_code == 200 and head.headers["x-repo-commit"] == commit.oid
+    assert head.headers["etag"] == f'"{hub_server.repo("owner/wire").resolve("main").files["f.bin"]}"'
+    assert head.headers["content-length"] == "5"
+    ranged = httpx2.get(f"{hub_server.endpoint}/owner/wire/resolve/{commit.oid}/f.bin", headers={"Range": "bytes=2-"})
+    assert (ranged.status_code, ranged.content) == (206, b"345")
+    for path, code in (
+        ("owner/wire/resolve/main/nope", "EntryNotFound"),
+        ("owner/none/resolve/main/f.bin", "RepoNotFound"),
+    ):
+        assert httpx2.head(f"{hub_server.endpoint}/{path}").headers["x-error-code"] == code
+    assert (
+        httpx2.get(f"{hub_server.endpoint}/owner/wire/resolve/dev/f.bin").headers["x-error-code"] == "RevisionNotFound"
+    )
+
+    assert httpx2.get(f"{hub_server.endpoint}/api/spaces-hardware").status_code == 404
+    assert hub_server.errors == ["GET /api/spaces-hardware: not implemented"]
+    hub_server.errors.clear()  # else the fixture's teardown fails the test
 
 
 def test_serve_hub_restores_the_client_and_stops(tmp_path: Path):

@@ -80,7 +80,9 @@ def _config(tmp_path, name: str = "ldpo", **overrides) -> LatentDPOConfig:
 
 
 def _trainer(tmp_path, model=None, dataset=None, name: str = "ldpo", **kwargs) -> LatentDPOTrainer:
-    trainer_kwargs = {k: kwargs.pop(k) for k in ("latent_cache", "preference_embedding", "eval_dataset") if k in kwargs}
+    trainer_kwargs = {
+        k: kwargs.pop(k) for k in ("latent_cache", "preference_embedding", "eval_dataset") if k in kwargs
+    }
     return LatentDPOTrainer(
         model if model is not None else _backbone(),
         _config(tmp_path, name, **kwargs),
@@ -152,7 +154,9 @@ def _posteriors(batch: int = 4, latent: int = 2) -> tuple[DiagonalGaussian, Diag
 
 def _fresh_prior(latent: int = 2, features: int = 5) -> PreferenceEmbedding:
     torch.manual_seed(0)
-    return PreferenceEmbedding(PreferenceEmbeddingConfig(latent_dim=latent, feature_dim=features, backbone_fingerprint="x"))
+    return PreferenceEmbedding(
+        PreferenceEmbeddingConfig(latent_dim=latent, feature_dim=features, backbone_fingerprint="x")
+    )
 
 
 def test_loss_step_moves_the_prior_toward_the_chosen_posterior():
@@ -293,7 +297,9 @@ def test_cache_is_shared_between_two_users_of_the_same_pool(tmp_path):
     # The second user's latent columns are the first user's, chosen and rejected swapped.
     a, b = first.train_dataset, second.train_dataset
     assert torch.equal(_column(a, "features"), _column(b, "features"))
-    assert torch.equal(_column(a, "chosen_mean"), _column(b, "rejected_mean")) and torch.equal(_column(a, "rejected_logvar"), _column(b, "chosen_logvar"))
+    assert torch.equal(_column(a, "chosen_mean"), _column(b, "rejected_mean")) and torch.equal(
+        _column(a, "rejected_logvar"), _column(b, "chosen_logvar")
+    )
     second.train()
 
 
@@ -304,7 +310,9 @@ def test_cache_entries_match_a_direct_encoding(users):
     assert encoded.column_names == list(PAIR_COLUMNS)
     with torch.no_grad():
         ids = tokenizer([rows[1]["prompt"]], return_tensors="pt")
-        torch.testing.assert_close(_column(encoded, "features")[1], model.prompt_features(**ids)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            _column(encoded, "features")[1], model.prompt_features(**ids)[0], atol=1e-5, rtol=1e-5
+        )
         full = tokenizer([rows[1]["prompt"] + " " + rows[1]["chosen"] + " <eos>"], return_tensors="pt")
         posterior = model.posterior(**full)
     torch.testing.assert_close(_column(encoded, "chosen_mean")[1], posterior.mean[0], atol=1e-5, rtol=1e-5)
@@ -314,7 +322,9 @@ def test_cache_entries_match_a_direct_encoding(users):
 def test_cached_prompt_features_match_those_read_at_generation(users):
     # The prior is trained on cached features (right-padded batches) and read from left-padded generation batches.
     model, tokenizer, _, cache = users
-    encoded = cache.encode_pairs(Dataset.from_list([{"prompt": p, "chosen": "w20", "rejected": "w21"} for p in PROMPTS]))
+    encoded = cache.encode_pairs(
+        Dataset.from_list([{"prompt": p, "chosen": "w20", "rejected": "w21"} for p in PROMPTS])
+    )
     batch = _left_padded(tokenizer)
     with torch.no_grad():
         features = model.prompt_features(batch["input_ids"], batch["attention_mask"])
@@ -366,7 +376,7 @@ def test_cache_of_another_backbone_is_refused_by_the_trainer(tmp_path):
 def test_saved_user_is_small_and_loads_identically(users):
     model, _, paths, _ = users
     path = paths["alice"]
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    assert {"config.json", "model.safetensors"} <= {p.name for p in path.iterdir()}
     assert (path / "model.safetensors").stat().st_size < 64 * 1024
     loaded = PreferenceEmbedding.from_pretrained(path)
     registered = model.preferences.get("alice")
@@ -427,7 +437,9 @@ def test_bank_follows_in_place_changes_of_the_backbone_weights():
     feature_dim = model.config.text_config.hidden_size
 
     def embedding(fingerprint: str) -> PreferenceEmbedding:
-        config = PreferenceEmbeddingConfig(latent_dim=LATENT_DIM, feature_dim=feature_dim, backbone_fingerprint=fingerprint)
+        config = PreferenceEmbeddingConfig(
+            latent_dim=LATENT_DIM, feature_dim=feature_dim, backbone_fingerprint=fingerprint
+        )
         return PreferenceEmbedding(config)
 
     model.load_preference(embedding(new_fingerprint), "current")  # trained against the current weights
@@ -464,7 +476,7 @@ def test_one_preference_id_applies_to_every_row(users):
     per_row = _generate(model, **batch, preference_id=["alice"] * 3)
     assert torch.equal(once, per_row)
     latents = model.preference_latents(batch["input_ids"], batch["attention_mask"], "alice")
-    assert latents.shape == (3, LATENT_DIM) and latents.abs().min() >= 0 and latents.norm(dim=-1).min() > 0
+    assert latents.shape == (3, LATENT_DIM) and latents.norm(dim=-1).min() > 0
     assert torch.equal(_generate(model, **batch, latents=latents), once)
 
 
@@ -498,17 +510,19 @@ def test_pipeline_with_a_preference_id_matches_generate(users):
     tokenizer.padding_side = "left"
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
     settings = {"do_sample": False, "max_new_tokens": 5, "min_new_tokens": 5}
-    chat = [{"role": "user", "content": "w30 w31 w32"}]
-    for prompt in ("w5 w6 w7", chat):
-        result = pipe(prompt, preference_id="alice", return_tensors=True, **settings)
+    chat = [{"role": "user", "content": "w40 w41"}]
+    for prompt, preference_id in (("w5 w6 w7", "alice"), (chat, "bob")):
+        result = pipe(prompt, preference_id=preference_id, return_tensors=True, **settings)
         text = render_prompt(tokenizer, prompt)
         ids = tokenizer([text], return_tensors="pt", add_special_tokens=False)
-        expected = model.generate(**ids, preference_id="alice", pad_token_id=0, **settings)[0].tolist()
+        expected = model.generate(**ids, preference_id=preference_id, pad_token_id=0, **settings)[0].tolist()
         assert result[0]["generated_token_ids"] == expected, f"pipeline differs for {prompt!r}"
         neutral = pipe(prompt, return_tensors=True, **settings)
-        assert neutral[0]["generated_token_ids"] != expected, "the preference id did not reach generate"
-    texts = pipe(chat, preference_id="bob", **settings)
+        assert neutral[0]["generated_token_ids"] != expected, f"{preference_id!r} did not reach generate"
+    texts = pipe(chat, preference_id="alice", **settings)
     assert texts[0]["generated_text"][-1]["role"] == "assistant"
+    with pytest.raises(KeyError, match="carol"):
+        pipe("w5 w6", preference_id="carol", **settings)
 
 
 def test_unknown_preference_id_lists_the_known_ones(users):
@@ -567,10 +581,14 @@ def test_conversational_and_implicit_prompt_datasets_train_on_the_same_latents(t
     output = conversational.train()
     assert output.global_step == 2 and math.isfinite(output.training_loss)
 
-    implicit = _trainer(tmp_path, model=model, dataset=_conversational(rows, implicit=True), name="i", latent_cache=cache)
+    implicit = _trainer(
+        tmp_path, model=model, dataset=_conversational(rows, implicit=True), name="i", latent_cache=cache
+    )
     assert implicit.cache_sequences_encoded == 0, "the implicit prompt should render like the explicit one"
     for column in PAIR_COLUMNS:
-        assert torch.equal(_column(implicit.train_dataset, column), _column(conversational.train_dataset, column)), column
+        assert torch.equal(_column(implicit.train_dataset, column), _column(conversational.train_dataset, column)), (
+            column
+        )
     implicit.train()
 
     plain = _trainer(tmp_path, model=model, dataset=Dataset.from_list(rows), name="p", latent_cache=cache)
@@ -671,7 +689,9 @@ def test_wrong_arguments_type_and_missing_tokenizer_or_dataset(tmp_path):
 def test_continuing_an_embedding_of_another_backbone_is_refused(tmp_path, users):
     _, _, paths, _ = users
     with pytest.raises(ValueError, match="another backbone"):
-        _trainer(tmp_path, model=_backbone(1), preference_embedding=PreferenceEmbedding.from_pretrained(paths["alice"]))
+        _trainer(
+            tmp_path, model=_backbone(1), preference_embedding=PreferenceEmbedding.from_pretrained(paths["alice"])
+        )
 
 
 # ----------------------------------------------------------------------
@@ -738,9 +758,9 @@ def test_checkpoints_hold_the_embedding_and_resuming_continues_identically(tmp_p
 def test_continuing_a_saved_embedding_starts_from_its_weights(tmp_path, users):
     model, _, paths, cache = users
     start = PreferenceEmbedding.from_pretrained(paths["alice"])
-    initial = {name: t.clone() for name, t in start.state_dict().items()}
-    trainer = _trainer(tmp_path, model=model, preference_embedding=start, latent_cache=cache, max_steps=1, learning_rate=1e-9)
+    trainer = _trainer(tmp_path, model=model, preference_embedding=start, latent_cache=cache, max_steps=1)
     assert trainer.model is start
     trainer.train()
-    for name, tensor in initial.items():
-        torch.testing.assert_close(start.state_dict()[name], tensor, atol=1e-5, rtol=0)
+    first = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    # A fresh N(0, I) prior logs a zero mean norm at its first step; a continued one starts where alice ended.
+    assert first["prior/mean_norm"] > 0.5

@@ -121,8 +121,9 @@ def test_save_writes_config_and_safetensors_and_loads_identically(tmp_path):
     embedding = _embedding(seed=2, base_model="tiny-base")
     embedding.config.training = {"pairs": 12, "steps": 3, "beta": 0.1}
     embedding.save_pretrained(tmp_path / "alice")
-    files = sorted(p.name for p in (tmp_path / "alice").iterdir())
-    assert files == ["config.json", "model.safetensors"], "no temporary or extra file should remain"
+    files = {p.name for p in (tmp_path / "alice").iterdir()}
+    assert {"config.json", "model.safetensors"} <= files
+    assert files <= {"config.json", "model.safetensors", "README.md"}, "no temporary file should remain"
     raw = json.loads((tmp_path / "alice" / "config.json").read_text())
     assert raw["artefact_type"] == "prefalign-preference-embedding"
     assert raw["backbone_fingerprint"] == FINGERPRINT
@@ -144,7 +145,9 @@ def test_saved_embedding_is_kilobyte_sized(tmp_path):
 
 def test_embedding_for_smollm2_sizes_fits_in_64_kb(tmp_path):
     # SmolLM2-135M: hidden size 576; the default backbone uses latent_dim 32 and a rank-8 prior.
-    embedding = PreferenceEmbedding(PreferenceEmbeddingConfig(latent_dim=32, feature_dim=576, backbone_fingerprint="x"))
+    embedding = PreferenceEmbedding(
+        PreferenceEmbeddingConfig(latent_dim=32, feature_dim=576, backbone_fingerprint="x")
+    )
     parameters = sum(p.numel() for p in embedding.parameters())
     assert parameters == 2 * 32 + 576 * 8 + 8 * 2 * 32  # 5,184
     embedding.save_pretrained(tmp_path / "smol")
@@ -160,8 +163,16 @@ def test_save_into_a_file_path_is_rejected(tmp_path):
         _embedding().save_pretrained(target)
 
 
-def test_loading_a_missing_directory_names_the_missing_config(tmp_path):
+def test_loading_an_empty_directory_names_the_missing_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
+        PreferenceEmbedding.from_pretrained(tmp_path)
+
+
+def test_loading_a_missing_local_directory_is_an_os_error(tmp_path, monkeypatch):
+    from huggingface_hub import constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # never reach the network
+    with pytest.raises(OSError, match="nobody"):
         PreferenceEmbedding.from_pretrained(tmp_path / "nobody")
 
 
@@ -298,10 +309,15 @@ def _saved_bank(tmp_path) -> tuple[dict[str, PreferenceEmbedding], object]:
 def test_bank_save_writes_an_index_and_one_folder_per_user(tmp_path):
     _, directory = _saved_bank(tmp_path)
     index = json.loads((directory / "bank.json").read_text())
-    assert index == {"feature_dim": FEATURES, "fingerprint": FINGERPRINT, "latent_dim": LATENT,
-                     "preference_ids": ["alice", "bob", "carol"]}  # fmt: skip
+    assert index == {
+        "feature_dim": FEATURES,
+        "fingerprint": FINGERPRINT,
+        "latent_dim": LATENT,
+        "preference_ids": ["alice", "bob", "carol"],
+    }
     for name in ("alice", "bob", "carol"):
-        assert sorted(p.name for p in (directory / name).iterdir()) == ["config.json", "model.safetensors"]
+        files = {p.name for p in (directory / name).iterdir()}
+        assert {"config.json", "model.safetensors"} <= files <= {"config.json", "model.safetensors", "README.md"}
     assert not [p for p in directory.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 
 
@@ -474,7 +490,10 @@ def test_pairs_need_four_responses_per_prompt():
 def test_pairs_from_a_named_scorer_on_a_chat_pool():
     pool = Dataset.from_list(
         [
-            {"prompt": [{"role": "user", "content": "w5 w6"}], "responses": ["w7", "w7 w8 w9", "w8 w9", "w7 w8 w9 w10"]},
+            {
+                "prompt": [{"role": "user", "content": "w5 w6"}],
+                "responses": ["w7", "w7 w8 w9", "w8 w9", "w7 w8 w9 w10"],
+            },
         ]
     )
     pairs = preference_pairs_from_pool(pool, get_scorer("concise"))

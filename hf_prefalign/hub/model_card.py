@@ -40,6 +40,11 @@ CITATION = """@inproceedings{zhang2025disentangling,
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
+def looks_like_repo_id(reference: str) -> bool:
+    """`owner/name` (or a bare `name`) made of the characters the Hub allows, and not an existing local path."""
+    return bool(re.match(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$", reference)) and not Path(reference).exists()
+
+
 def hub_id_or_none(reference: str | None) -> str | None:
     """`reference` if it looks like a Hub repo id (not a local path); the embedded default maps to its Hub origin."""
     if reference == EMBEDDED_DEFAULT_BASE:

@@ -366,7 +366,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
 
         bank = self.__dict__.get("_preference_bank")
         if bank is None:
-            bank = PreferenceBank(self.fingerprint(), self.config.latent_dim, self.config.text_config.hidden_size)
+            bank = PreferenceBank(self.fingerprint, self.config.latent_dim, self.config.text_config.hidden_size)
             self.__dict__["_preference_bank"] = bank
         return bank
 

@@ -187,6 +187,7 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
         output = super().train(*args, **kwargs)
         seconds = time.perf_counter() - start
         embedding: PreferenceEmbedding = self.model
+        logs = [log for log in self.state.log_history if "rewards/accuracy" in log]
         embedding.config.training = {
             "method": "latent-dpo",
             "pairs": self.num_pairs,
@@ -199,6 +200,9 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
             "train_seconds": round(seconds, 3),
             "final_loss": output.training_loss,
         }
+        if logs:  # the implicit reward's accuracy on kept latent pairs, at the first and the last log
+            embedding.config.training["rewards_accuracy_first_log"] = round(logs[0]["rewards/accuracy"], 4)
+            embedding.config.training["rewards_accuracy_last_log"] = round(logs[-1]["rewards/accuracy"], 4)
         return output
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
