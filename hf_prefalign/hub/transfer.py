@@ -27,9 +27,11 @@ def push_folder(
     revision: str | None = None,
     commit_message: str = "Upload with hf-prefalign",
     create_pr: bool = False,
+    delete_patterns: list[str] | None = None,
     endpoint: str | None = None,
 ) -> str:
-    """Create `repo_id` if needed, let `write(folder)` fill a temporary folder, upload it in one commit.
+    """Create `repo_id` if needed, let `write(folder)` fill a temporary folder, upload it in one commit
+    (remote files matching `delete_patterns` that the folder does not hold are deleted in the same commit).
 
     Returns the commit URL.
     """
@@ -45,6 +47,7 @@ def push_folder(
             commit_message=commit_message,
             revision=revision,
             create_pr=create_pr,
+            delete_patterns=delete_patterns,
         )
     return str(commit)
 

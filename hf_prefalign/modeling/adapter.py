@@ -34,18 +34,25 @@ class LatentAdapter(nn.Module):
         self.skip = nn.Linear(config.latent_dim, self.hidden_size, bias=False) if config.gradient_skip_path else None
 
     @torch.no_grad()
-    def init_from_base(self, base_model: PreTrainedModel, token_id: int) -> None:
+    def init_from_base(self, base_model: PreTrainedModel, token_id: int, relative_scale: float = 0.2) -> None:
         """Start every slot as a copy of one real token at position 0 (an "attention sink", e.g. BOS).
 
         The bias of layer l becomes the hidden state that enters layer l when the base reads `token_id` alone, so
         with z = 0 the prefix is P copies of that token's keys and values: a prefix the base already knows how to
-        ignore. z then moves the slots away from it. Without this, random slots disturb the frozen base from step 0.
+        ignore. Without this, random slots disturb the frozen base from step 0. The weights are then scaled per layer
+        so that z ~ N(0, I) moves each slot by `relative_scale` of that state's norm: hidden states of different
+        layers differ in norm by orders of magnitude, and a fixed init scale would leave z without effect (and the
+        encoder without gradient) in most layers.
         """
         ids = torch.tensor([[token_id]], device=self.bias.device)
         outputs = base_model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        latent_dim = self.weight.shape[-1]
         for layer_idx in range(self.num_layers):
             state = outputs.hidden_states[layer_idx][0, 0].to(self.bias.dtype)  # (hidden,), input of layer l
             self.bias[layer_idx].copy_(state.repeat(self.num_slots))  # (P*hidden,)
+            # ||W_slot z|| ~ std * sqrt(hidden * Z) for z ~ N(0, I)
+            std = relative_scale * state.norm() / (self.hidden_size * latent_dim) ** 0.5
+            self.weight[layer_idx].normal_(0.0, float(std))
 
     def pseudo_hidden_states(self, latents: torch.Tensor) -> torch.Tensor:
         """`(B, Z)` latents -> `(B, L, P, hidden)` pseudo hidden states."""

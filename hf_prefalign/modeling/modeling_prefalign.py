@@ -633,6 +633,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         is_main_process: bool = True,
         push_to_hub: bool = False,
         repo_id: str | None = None,
+        with_tokenizer: bool = False,
         **kwargs: Any,
     ) -> None:
         """Save the backbone; every file is written to a temporary name and renamed into place.
@@ -647,6 +648,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             save_base (`bool`, *optional*): force saving (or not) the full base; by default, saved iff not frozen.
             is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes.
             repo_id (`str`, *optional*): the Hub repo the save is meant for (used in the model card's usage snippet).
+            with_tokenizer (`bool`, *optional*): the tokenizer is saved beside it (the card's snippet loads it there).
         """
         if push_to_hub:
             raise ValueError(
@@ -677,7 +679,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
 
         if self.generation_config is not None:
             write_json_atomic(self.generation_config.to_dict(), save_directory / GENERATION_CONFIG_NAME)
-        write_card(backbone_card, save_directory / README_NAME, self, repo_id=repo_id)
+        write_card(backbone_card, save_directory / README_NAME, self, repo_id=repo_id, with_tokenizer=with_tokenizer)
         config = copy.deepcopy(self.config)
         config.base_included = save_base
         config.architectures = [type(self).__name__]
@@ -694,6 +696,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         revision: str | None = None,
         create_pr: bool = False,
         save_base: bool | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         **kwargs: Any,
     ) -> str:
         """Upload the backbone (as `save_pretrained` writes it, model card included) to a Hub repo; returns the commit URL.
@@ -789,6 +792,9 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                         config.base_model_name_or_path,
                         revision=config.base_model_revision,
                         dtype=dtype,
+                        token=token,
+                        cache_dir=cache_dir,
+                        local_files_only=local_files_only,
                     )
                 except (OSError, ImportError) as err:
                     raise OSError(
@@ -798,7 +804,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         _check_base_matches(config.text_config, base_model.config, where=f"loaded for {directory}")
         config.text_config = base_model.config
         model = cls(config, base_model=base_model)
-
+        model.name_or_path = str(pretrained_model_name_or_path)  # what later artefacts record as their backbone
         model.load_latent_weights(directory / WEIGHTS_NAME)
         if dtype is not None:
             model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)

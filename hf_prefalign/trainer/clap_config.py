@@ -18,6 +18,9 @@ class CLaPConfig(TrainingArguments):
     Args:
         nll_weight (`float`, *optional*, defaults to 1.0):
             Weight of the NLL of response tokens, with z drawn from the posterior by reparameterisation.
+        nll_reduction (`str`, *optional*, defaults to `"sequence"`):
+            `"sequence"`: the NLL summed over a response's tokens, averaged over responses (with the per-response KL,
+            an ELBO); `"token"`: averaged over tokens (then the KL outweighs the likelihood ~T-fold and z collapses).
         kl_weight (`float`, *optional*, defaults to 1.0):
             Weight of the KL term (no annealing).
         contrastive_weight (`float`, *optional*, defaults to 1.0):
@@ -41,6 +44,9 @@ class CLaPConfig(TrainingArguments):
             Negatives per response in training (random other responses of the same prompt); each costs one extra LM
             pass per response. `None` uses all. Evaluation always ranks against every response of the prompt.
 
+        contrastive_latents (`str`, *optional*, defaults to `"sample"`):
+            Latents the InfoNCE scores use in training: `"sample"` (the reparameterised samples, as the NLL) or
+            `"mean"` (the posterior means: a lower-variance signal for the encoder early in training).
         responses_per_step (`int`, *optional*, defaults to `None`):
             Responses of each prompt used in a training step (a random subset); `None` uses all. Evaluation always
             uses all.
@@ -62,13 +68,20 @@ class CLaPConfig(TrainingArguments):
             What to do with a prompt that has fewer than 2 responses while the contrastive term is on: `"skip"` it
             (with a counted warning) or raise an `"error"`.
 
-    Defaults that differ from [`~transformers.TrainingArguments`]: `learning_rate=1e-4`, `warmup_ratio=0.1`,
-    `per_device_train_batch_size=1` (prompts per step; each brings all its responses), `logging_steps=10`,
-    `remove_unused_columns=False`, `report_to="none"`.
+    Defaults that differ from [`~transformers.TrainingArguments`]: `learning_rate=1e-4`, `warmup_steps=0.1` (10% of
+    the steps), `per_device_train_batch_size=1` (prompts per step; each brings all its responses),
+    `logging_steps=10`, `remove_unused_columns=False`.
     """
 
     # Loss weights
     nll_weight: float = field(default=1.0, metadata={"help": "Weight of the NLL of response tokens."})
+    nll_reduction: str = field(
+        default="sequence",
+        metadata={
+            "help": "'sequence': NLL summed over a response's tokens (an ELBO with the KL); 'token': token mean.",
+            "choices": ["sequence", "token"],
+        },
+    )
     kl_weight: float = field(default=1.0, metadata={"help": "Weight of the KL term (no annealing)."})
     contrastive_weight: float = field(
         default=1.0, metadata={"help": "Weight of the InfoNCE term over one prompt's responses (0 turns it off)."}
@@ -91,6 +104,13 @@ class CLaPConfig(TrainingArguments):
         default=3,
         metadata={"help": "Negatives per response in training (None: all). Evaluation always uses all."},
     )
+    contrastive_latents: str = field(
+        default="sample",
+        metadata={
+            "help": "Latents of the InfoNCE scores in training: 'sample' or 'mean'.",
+            "choices": ["sample", "mean"],
+        },
+    )
     responses_per_step: int | None = field(
         default=None,
         metadata={"help": "Responses of each prompt per training step (random subset; None: all)."},
@@ -111,7 +131,9 @@ class CLaPConfig(TrainingArguments):
     )
     # Parent defaults re-declared
     learning_rate: float = field(default=1e-4, metadata={"help": "Initial AdamW learning rate."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps for linear warm-up."})
+    warmup_steps: float = field(
+        default=0.1, metadata={"help": "Linear warm-up: steps, or a fraction of all steps when in [0, 1)."}
+    )
     per_device_train_batch_size: int = field(
         default=1, metadata={"help": "Prompts per device and step; each brings all its responses."}
     )
@@ -120,15 +142,16 @@ class CLaPConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep the tokenized columns that the response-group collator reads."}
     )
-    report_to: str | list[str] | None = field(
-        default="none", metadata={"help": "Integrations to report to ('none', 'all', 'tensorboard', ...)."}
-    )
 
     def __post_init__(self) -> None:
         if isinstance(self.contrastive_num_negatives, str) and self.contrastive_num_negatives.lower() == "none":
             self.contrastive_num_negatives = None
         if self.kl_estimator not in ("aggregate", "analytic"):
             raise ValueError(f"`kl_estimator` must be 'aggregate' or 'analytic', got {self.kl_estimator!r}.")
+        if self.contrastive_latents not in ("sample", "mean"):
+            raise ValueError(f"`contrastive_latents` must be 'sample' or 'mean', got {self.contrastive_latents!r}.")
+        if self.nll_reduction not in ("sequence", "token"):
+            raise ValueError(f"`nll_reduction` must be 'sequence' or 'token', got {self.nll_reduction!r}.")
         if self.too_few_responses not in ("skip", "error"):
             raise ValueError(f"`too_few_responses` must be 'skip' or 'error', got {self.too_few_responses!r}.")
         for name in ("nll_weight", "kl_weight", "contrastive_weight"):

@@ -208,7 +208,10 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
             input_ids=input_ids, attention_mask=attention_mask, latents=latents, logits_to_keep=keep
         ).logits  # (N, keep, V)
         own_ll, num_tokens = sequence_log_likelihood(logits, labels)  # (N,), (N,)
-        nll = -own_ll.sum() / num_tokens.sum().clamp(min=1)
+        nll_per_token = -own_ll.sum() / num_tokens.sum().clamp(min=1)
+        # Per sequence (summed over tokens), the NLL and the KL are the two halves of one ELBO. A token-averaged NLL
+        # would make every nat of KL cost as much as ~T nats of sequence likelihood: the posterior collapses to the prior.
+        nll = -own_ll.mean() if args.nll_reduction == "sequence" else nll_per_token
 
         per_dim_kl = analytic_kl(posterior)  # (Z,)
         if args.kl_estimator == "aggregate":
@@ -219,6 +222,7 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         loss = args.nll_weight * nll + args.kl_weight * kl
         metrics = {
             "loss/nll": nll.detach(),
+            "nll/per_token": nll_per_token.detach(),
             "loss/kl": kl.detach(),
             "latent/active_dims": (per_dim_kl.detach() > args.active_dim_threshold).sum().float(),
         }
@@ -226,14 +230,22 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
             num_negatives = args.contrastive_num_negatives if mode == "train" else None
             negatives = negative_indices(group_index, num_negatives)  # (N, C-1)
             rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(negatives.shape[1])
+            candidates = latents
+            own_scores = own_ll
+            if mode == "train" and args.contrastive_latents == "mean":
+                candidates = posterior.mean
+                own_logits = model(
+                    input_ids=input_ids, attention_mask=attention_mask, latents=candidates, logits_to_keep=keep
+                ).logits
+                own_scores, _ = sequence_log_likelihood(own_logits, labels)
             neg_logits = model(
                 input_ids=input_ids[rows],
                 attention_mask=attention_mask[rows],
-                latents=latents[negatives.reshape(-1)],
+                latents=candidates[negatives.reshape(-1)],
                 logits_to_keep=keep,
             ).logits
             neg_ll, _ = sequence_log_likelihood(neg_logits, labels[rows])  # (N * (C-1),)
-            scores = torch.cat([own_ll.unsqueeze(1), neg_ll.view(negatives.shape)], dim=1)  # (N, C)
+            scores = torch.cat([own_scores.unsqueeze(1), neg_ll.view(negatives.shape)], dim=1)  # (N, C)
             contrastive, accuracy = info_nce(scores)
             if args.contrastive_weight > 0:
                 loss = loss + args.contrastive_weight * contrastive
@@ -246,8 +258,8 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
                     input_ids=input_ids, attention_mask=attention_mask, latents=None, logits_to_keep=keep
                 ).logits
                 zero_ll, _ = sequence_log_likelihood(zero_logits, labels)
-            metrics["nll/zero_latent"] = -zero_ll.sum() / num_tokens.sum().clamp(min=1)
-            metrics["nll/posterior"] = nll.detach()
+            metrics["nll/zero_latent"] = -zero_ll.sum() / num_tokens.sum().clamp(min=1)  # per token
+            metrics["nll/posterior"] = nll_per_token.detach()
 
         self._record_metrics(mode, metrics)
         return (loss, {"logits": logits}) if return_outputs else loss
@@ -277,7 +289,7 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         "contrastive_weight",
         "kl_estimator",
         "kl_samples",
-        "contrastive_num_negatives",
+        "contrastive_num_negatives", "contrastive_latents",
         "responses_per_step",
         "freeze_base",
         "gradient_skip_path",

@@ -29,7 +29,7 @@ class LatentDPOConfig(DPOConfig):
 
     Defaults that differ from [`~trl.DPOConfig`]: `learning_rate=5e-3`, `num_train_epochs=10`,
     `per_device_train_batch_size=64` (the paper's pairs per step), `gradient_checkpointing=False`, `bf16=False`,
-    `logging_steps=5`, `save_strategy="no"`, `remove_unused_columns=False`, `report_to="none"`. The prior has ~5k
+    `logging_steps=5`, `save_strategy="no"`, `remove_unused_columns=False`. The prior has ~5k
     parameters, so many small steps cost seconds.
     """
 
@@ -54,7 +54,6 @@ class LatentDPOConfig(DPOConfig):
     logging_steps: float = field(default=5, metadata={"help": "Log every X steps."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy ('no', 'steps', 'epoch')."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the cached latent columns."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "Integrations to report to."})
 
     def __post_init__(self) -> None:
         if self.num_latent_samples <= 0:

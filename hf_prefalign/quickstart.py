@@ -1,0 +1,229 @@
+"""The quickstart: the whole method end to end on the embedded default model, in resumable stages.
+
+pool (bundled prompts -> K responses each) -> CLaP backbone -> two contrasting users aligned with Latent DPO ->
+neutral / user A / user B generations side by side for held-out prompts, with each user's reward.
+Every stage writes its result under `output_dir`; a rerun skips the stages already done.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from .utils.serialization import write_json_atomic
+
+
+logger = logging.get_logger(__name__)
+
+STATE_FILE = "quickstart.json"
+
+
+@dataclass
+class QuickstartConfig:
+    r"""
+    Settings of `hf-prefalign quickstart`.
+
+    Args:
+        output_dir (`str`, *optional*, defaults to `"prefalign-quickstart"`): where pool, backbone and users are saved.
+        fast (`bool`, *optional*, defaults to `False`): a smaller run (under 5 minutes on 2 cores) to see it work.
+        users (`list[str]`, *optional*, defaults to `["positive", "negative"]`): two scorers that define the users.
+        num_prompts (`int`, *optional*): bundled prompts used (the last `num_heldout` are held out); default 96
+            (fast: 36).
+        num_heldout (`int`, *optional*, defaults to 4): held-out prompts shown side by side.
+        num_responses (`int`, *optional*): responses per prompt in the pool; default 8 (fast: 6).
+        max_new_tokens (`int`, *optional*): response length; default 32 (fast: 24).
+        overwrite (`bool`, *optional*, defaults to `False`): allow an output folder that holds something else.
+        seed (`int`, *optional*, defaults to 0): random seed.
+    """
+
+    output_dir: str = field(default="prefalign-quickstart", metadata={"help": "Where everything is saved."})
+    fast: bool = field(default=False, metadata={"help": "A smaller run (under 5 minutes on 2 cores)."})
+    users: list[str] = field(
+        default_factory=lambda: ["positive", "negative"], metadata={"help": "Two scorers defining the users."}
+    )
+    num_prompts: int | None = field(default=None, metadata={"help": "Bundled prompts used (default 96, fast 36)."})
+    num_heldout: int = field(default=4, metadata={"help": "Held-out prompts shown side by side."})
+    num_responses: int | None = field(default=None, metadata={"help": "Responses per prompt (default 8, fast 6)."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Response length (default 32, fast 24)."})
+    overwrite: bool = field(default=False, metadata={"help": "Allow an output folder that holds something else."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+
+    def __post_init__(self) -> None:
+        self.num_prompts = self.num_prompts or (36 if self.fast else 96)
+        self.num_responses = self.num_responses or (6 if self.fast else 8)
+        self.max_new_tokens = self.max_new_tokens or (24 if self.fast else 32)
+        if len(self.users) != 2:
+            raise ValueError(f"The quickstart aligns exactly two users, got {self.users}.")
+        if self.num_responses < 4:
+            raise ValueError(
+                f"`num_responses` must be at least 4 to build preference pairs, got {self.num_responses}."
+            )
+        if not 0 < self.num_heldout < self.num_prompts:
+            raise ValueError(f"`num_heldout` must be between 1 and num_prompts - 1, got {self.num_heldout}.")
+
+
+def _prepare_output(config: QuickstartConfig) -> tuple[Path, dict[str, Any]]:
+    """The output folder and its recorded state; refuses a folder that holds something else (unless overwrite)."""
+    output = Path(config.output_dir)
+    state_file = output / STATE_FILE
+    settings = {k: v for k, v in asdict(config).items() if k not in ("output_dir", "overwrite")}
+    if state_file.is_file():
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if state.get("settings") == settings:
+            return output, state
+        if not config.overwrite:
+            raise FileExistsError(
+                f"{output} holds a quickstart run with other settings; pass --overwrite to start over there."
+            )
+    elif output.exists() and any(output.iterdir()) and not config.overwrite:
+        raise FileExistsError(f"{output} is not empty and holds no quickstart run; pass --overwrite to use it anyway.")
+    if config.overwrite and output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    state = {"settings": settings, "stages": {}}
+    write_json_atomic(state, state_file)
+    return output, state
+
+
+def _done(output: Path, state: dict[str, Any], stage: str, **info: Any) -> None:
+    state["stages"][stage] = info
+    write_json_atomic(state, output / STATE_FILE)
+
+
+def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
+    """Run (or resume) the quickstart; returns the recorded state with timings and the rewards table."""
+    from transformers import AutoTokenizer
+
+    from .data.pairs import preference_pairs_from_pool
+    from .data.pools import ResponsePoolConfig, build_response_pool, load_response_pool, save_response_pool
+    from .data.prompts import load_bundled_prompts, tokenize_prompt
+    from .loading import load_default_base
+    from .modeling.modeling_prefalign import PrefAlignForCausalLM
+    from .scorers import get_scorer
+    from .trainer import CLaPConfig, CLaPTrainer, LatentDPOConfig, LatentDPOTrainer
+
+    scorers = {name: get_scorer(name) for name in config.users}  # fail early on an unknown scorer
+    output, state = _prepare_output(config)
+    torch.manual_seed(config.seed)
+    prompts = load_bundled_prompts().select(range(config.num_prompts))
+    num_train = config.num_prompts - config.num_heldout
+
+    # 1. Response pool
+    pool_dir = output / "pool"
+    if "pool" in state["stages"]:
+        echo(f"[1/4] pool: reusing {pool_dir}")
+        pool = load_response_pool(pool_dir)
+        base = tokenizer = None
+    else:
+        echo(f"[1/4] pool: sampling {config.num_responses} responses for each of {num_train} prompts")
+        base, tokenizer = load_default_base()
+        start = time.perf_counter()
+        pool = build_response_pool(
+            base,
+            tokenizer,
+            prompts.select(range(num_train)),
+            ResponsePoolConfig(
+                num_responses=config.num_responses,
+                max_new_tokens=config.max_new_tokens,
+                batch_size=8,
+                seed=config.seed,
+            ),
+        )
+        save_response_pool(pool, pool_dir)
+        _done(output, state, "pool", seconds=round(time.perf_counter() - start, 1), prompts=len(pool))
+
+    # 2. CLaP backbone
+    backbone_dir = output / "backbone"
+    if "clap" in state["stages"]:
+        echo(f"[2/4] CLaP: reusing {backbone_dir}")
+    else:
+        echo(f"[2/4] CLaP: training the backbone on {len(pool)} prompts")
+        if base is None:
+            base, tokenizer = load_default_base()
+        model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer)
+        args = CLaPConfig(
+            output_dir=str(output / "clap-trainer"),
+            learning_rate=5e-4,
+            num_train_epochs=1,
+            responses_per_step=4,
+            contrastive_num_negatives=3,
+            save_strategy="no",
+            logging_steps=5,
+            seed=config.seed,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        start = time.perf_counter()
+        trainer = CLaPTrainer(model=model, args=args, train_dataset=pool, processing_class=tokenizer)
+        trainer.train()
+        model.save_pretrained(backbone_dir)
+        tokenizer.save_pretrained(backbone_dir)
+        shutil.rmtree(output / "clap-trainer", ignore_errors=True)
+        _done(output, state, "clap", seconds=round(time.perf_counter() - start, 1))
+
+    model = PrefAlignForCausalLM.from_pretrained(backbone_dir)
+    tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
+
+    # 3. Two users
+    if "users" in state["stages"]:
+        echo(f"[3/4] users: reusing {output / 'users'}")
+    else:
+        timings = {}
+        for name, scorer in scorers.items():
+            pairs = preference_pairs_from_pool(pool, scorer)
+            echo(f"[3/4] user '{name}': Latent DPO on {len(pairs)} preference pairs")
+            args = LatentDPOConfig(
+                output_dir=str(output / "users" / name),
+                latent_cache_dir="none",
+                seed=config.seed,
+                use_cpu=not torch.cuda.is_available(),
+            )
+            trainer = LatentDPOTrainer(model, args, train_dataset=pairs, processing_class=tokenizer)
+            start = time.perf_counter()
+            trainer.train()
+            timings[name] = round(time.perf_counter() - start, 2)
+            trainer.save_preference(output / "users" / name)
+        _done(output, state, "users", train_seconds=timings)
+    for name in config.users:
+        model.load_preference(output / "users" / name, preference_id=name, overwrite=True)
+
+    # 4. Side by side on held-out prompts, every column in one batch
+    echo("[4/4] generating: neutral / " + " / ".join(config.users))
+    columns = [None, *config.users]
+    texts: dict[str | None, list[str]] = {c: [] for c in columns}
+    heldout = prompts.select(range(num_train, config.num_prompts))
+    for row in heldout:
+        ids = torch.tensor([tokenize_prompt(tokenizer, row["prompt"])] * len(columns))
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            preference_id=columns,
+            do_sample=False,
+            max_new_tokens=config.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        echo(f"\n### {row['prompt'][-1]['content']}")
+        for column, text in zip(columns, decoded, strict=True):
+            texts[column].append(text.strip())
+            echo(f"  [{column or 'neutral'}] {text.strip()}")
+    table = {
+        scorer_name: {str(c or "neutral"): round(float(scorer(texts[c]).mean()), 3) for c in columns}
+        for scorer_name, scorer in scorers.items()
+    }
+    echo("\nmean reward of each user's scorer (rows) over each column's generations:")
+    echo("scorer      " + "".join(f"{str(c or 'neutral'):>12}" for c in columns))
+    for scorer_name, row in table.items():
+        echo(f"{scorer_name:<12}" + "".join(f"{value:>12.3f}" for value in row.values()))
+    _done(output, state, "generate", rewards=table)
+    echo(f"\nsaved under {output}: pool/, backbone/, users/{config.users[0]}/, users/{config.users[1]}/")
+    return state
+
+
+__all__ = ["QuickstartConfig", "run_quickstart"]

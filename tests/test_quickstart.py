@@ -1,0 +1,38 @@
+"""The main job end to end on the embedded default model, at a tiny size, and its resume behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_prefalign.cli.main import main
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
+    argv = [
+        "quickstart",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--num_prompts",
+        "6",
+        "--num_heldout",
+        "1",
+        "--num_responses",
+        "4",
+        "--max_new_tokens",
+        "8",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[neutral]" in out and "[positive]" in out and "[negative]" in out
+    assert "mean reward of each user's scorer" in out
+    state = json.loads((tmp_path / "run" / "quickstart.json").read_text())
+    assert set(state["stages"]) == {"pool", "clap", "users", "generate"}
+    for folder in ("pool", "backbone", "users/positive", "users/negative"):
+        assert (tmp_path / "run" / folder).is_dir()
+
+    assert main(argv) == 0  # a rerun skips the finished stages
+    out = capsys.readouterr().out
+    assert "pool: reusing" in out and "CLaP: reusing" in out and "users: reusing" in out
