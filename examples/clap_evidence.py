@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--responses-per-step", type=int, default=None)
     parser.add_argument("--negatives", type=int, default=3, help="contrastive negatives per response in training")
     parser.add_argument("--kl-weight", type=float, default=1.0)
+    parser.add_argument("--contrastive-latents", choices=["sample", "mean"], default="sample")
     parser.add_argument("--gradient-skip-path", action="store_true")
     parser.add_argument("--num-latents", type=int, default=4, help="z per held-out prompt for the distinct-n check")
     parser.add_argument("--seed", type=int, default=0)
@@ -143,6 +144,7 @@ def main() -> None:
         responses_per_step=args.responses_per_step,
         contrastive_num_negatives=args.negatives,
         kl_weight=args.kl_weight,
+        contrastive_latents=args.contrastive_latents,
         gradient_skip_path=args.gradient_skip_path,
         logging_steps=10,
         save_strategy="no",
@@ -250,7 +252,8 @@ def render_table(results: dict) -> str:
         f"({settings['max_new_tokens']} new tokens max); CLaP trained on {pool['train_prompts']} prompts, "
         f"evaluated on the {pool['heldout_prompts']} held-out ones. Settings: lr {settings['learning_rate']}, "
         f"{settings['num_epochs']} epoch(s), {settings['responses_per_step'] or 'all'} responses per step, "
-        f"{settings['negatives']} contrastive negatives per response.",
+        f"{settings['negatives']} contrastive negatives per response "
+        f"(scored with the posterior {'means' if settings.get('contrastive_latents') == 'mean' else 'samples'}).",
         "",
         "| held-out measure | value | target |",
         "| --- | ---: | --- |",
