@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from conftest import make_tiny_base, make_tiny_pool, make_tiny_tokenizer, random_words
 
 from hf_prefalign import PrefAlignForCausalLM, PreferenceEmbedding, load_response_pool, save_response_pool
@@ -13,11 +14,15 @@ from hf_prefalign.cli.main import main
 
 
 @pytest.fixture
-def tiny_base_dir(tmp_path):
-    """A tiny Qwen2 base and its tokenizer saved together, as a model path the CLI can load."""
+def tiny_base_dir(tmp_path, monkeypatch):
+    """A tiny Qwen2 base saved as a model path the CLI can load.
+
+    transformers 5 rebuilds a tokenizer from the model type in `config.json` (a Qwen2 tokenizer pipeline around our
+    word-level vocabulary tokenizes nothing), so the CLI's tokenizer loading is pointed at the tiny tokenizer.
+    """
     path = tmp_path / "base"
     make_tiny_base("qwen2").save_pretrained(path)
-    make_tiny_tokenizer().save_pretrained(path)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: make_tiny_tokenizer())
     return path
 
 

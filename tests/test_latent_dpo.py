@@ -517,8 +517,15 @@ def test_pipeline_with_a_preference_id_matches_generate(users):
         ids = tokenizer([text], return_tensors="pt", add_special_tokens=False)
         expected = model.generate(**ids, preference_id=preference_id, pad_token_id=0, **settings)[0].tolist()
         assert result[0]["generated_token_ids"] == expected, f"pipeline differs for {prompt!r}"
-        neutral = pipe(prompt, return_tensors=True, **settings)
-        assert neutral[0]["generated_token_ids"] != expected, f"{preference_id!r} did not reach generate"
+        # The user's z must reach the LM: first-step logits differ from the neutral model's (tokens of a tiny
+        # random model may not).
+        scored = {
+            pid: model.generate(
+                **ids, preference_id=pid, pad_token_id=0, return_dict_in_generate=True, output_logits=True, **settings
+            ).logits[0]
+            for pid in (preference_id, None)
+        }
+        assert (scored[preference_id] - scored[None]).abs().max() > 1e-5, f"{preference_id!r} did not reach generate"
     texts = pipe(chat, preference_id="alice", **settings)
     assert texts[0]["generated_text"][-1]["role"] == "assistant"
     with pytest.raises(KeyError, match="carol"):
