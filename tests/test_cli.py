@@ -13,6 +13,10 @@ from hf_prefalign import PrefAlignForCausalLM, PreferenceEmbedding, load_respons
 from hf_prefalign.cli.main import main
 
 
+# Latent DPO flags that keep a CLI alignment run small and quiet.
+QUICK_ALIGN = ["--num_train_epochs", "1", "--latent_cache_dir", "none", "--disable_tqdm", "true", "--use_cpu", "true"]
+
+
 @pytest.fixture
 def tiny_base_dir(tmp_path, monkeypatch):
     """A tiny Qwen2 base saved as a model path the CLI can load.
@@ -120,14 +124,7 @@ def test_pool_clap_align_generate_on_a_tiny_model(tiny_base_dir, tmp_path, capsy
                 str(tmp_path / "pool"),
                 "--output_dir",
                 str(tmp_path / "alice"),
-                "--num_train_epochs",
-                "1",
-                "--latent_cache_dir",
-                "none",
-                "--disable_tqdm",
-                "true",
-                "--use_cpu",
-                "true",
+                *QUICK_ALIGN,
             ]
         )
         == 0
@@ -174,14 +171,7 @@ def test_align_from_a_preference_file(tiny_backbone_dir, tmp_path):
                 str(data),
                 "--output_dir",
                 str(tmp_path / "bob"),
-                "--num_train_epochs",
-                "1",
-                "--latent_cache_dir",
-                "none",
-                "--disable_tqdm",
-                "true",
-                "--use_cpu",
-                "true",
+                *QUICK_ALIGN,
             ]
         )
         == 0
