@@ -261,10 +261,10 @@ def render_table(results: dict) -> str:
         f"{held['contrastive_accuracy']:.3f} ({held['accuracy_over_chance']:.2f}x chance {held['chance']:.3f}) | "
         ">= 3x chance |",
         f"| active latent dimensions (KL > 0.01 nat) | {held['active_dims']} / {held['latent_dim']} | > half |",
-        f"| distinct-2 across 4 prior z (sampled) | {held['distinct2_across_z_sampled']:.3f} | > within one z |",
+        f"| distinct-2 across {settings['num_latents']} prior z (sampled) | {held['distinct2_across_z_sampled']:.3f} | > within one z |",
         f"| distinct-2 within one z (sampled) | {held['distinct2_within_z_sampled']:.3f} | |",
-        f"| distinct-2 across 4 prior z (greedy) | {held['distinct2_across_z_greedy']:.3f} | |",
-        f"| prompts whose 4 greedy responses (4 z) all differ | {held['greedy_all_different_fraction']:.2f} | |",
+        f"| distinct-2 across {settings['num_latents']} prior z (greedy) | {held['distinct2_across_z_greedy']:.3f} | |",
+        f"| prompts whose greedy responses under {settings['num_latents']} z all differ | {held['greedy_all_different_fraction']:.2f} | |",
         f"| NLL of responses, posterior mean z | {held['nll_posterior_mean']:.4f} | < NLL with z = 0 |",
         f"| NLL of responses, z = 0 | {held['nll_zero_latent']:.4f} | |",
         "",
