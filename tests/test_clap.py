@@ -11,6 +11,7 @@ from conftest import LATENT_DIM, make_tiny_base, make_tiny_pool, make_tiny_token
 from datasets import Dataset
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
+from transformers import TrainerCallback
 
 from hf_prefalign import PrefAlignForCausalLM
 from hf_prefalign.data import DataCollatorForResponseGroups
@@ -619,15 +620,22 @@ def test_best_checkpoint_restores_the_trained_base_too(tmp_path):
         "save_strategy": "steps",
         "save_steps": 2,
         "load_best_model_at_end": True,
-        "metric_for_best_model": "eval_loss",
+        "metric_for_best_model": "eval_step_marker",
         "greater_is_better": True,
     }
+
+    class EarlierIsBetter(TrainerCallback):
+        # A metric that makes step 2 the best whatever the losses do (they may rise or fall in 4 steps).
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            metrics["eval_step_marker"] = -float(state.global_step)
+
     trainer = CLaPTrainer(
         _backbone(),
         _config(tmp_path, **settings),
         train_dataset=pool,
         eval_dataset=pool,
         processing_class=make_tiny_tokenizer(),
+        callbacks=[EarlierIsBetter()],
     )
     trainer.train()
     best = tmp_path / "clap" / "checkpoint-2"

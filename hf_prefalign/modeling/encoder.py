@@ -43,7 +43,15 @@ class LatentEncoder(nn.Module):
     linear layer starts at zero, so an untrained encoder returns exactly N(0, I).
 
     The same encoder reads prompt + response (posterior q(z|x,y)) or a prompt alone (features for a user's prior).
+
+    The query outputs are centred by a running mean (`feature_mean`, updated in training mode, a saved buffer) before
+    the LayerNorm. Hidden states of pretrained LMs share a large constant component (massive activations): measured on
+    SmolLM2-135M it is >99% of the features' squared norm, leaving what tells a prompt's responses apart at 0.2%. A
+    linear head on such inputs learns the shared part first and the response-specific part hardly at all; centred,
+    the within-prompt share is ~40% and the posterior learns to separate responses.
     """
+
+    feature_mean_momentum = 0.01
 
     def __init__(self, config: PrefAlignConfig):
         super().__init__()
@@ -62,6 +70,8 @@ class LatentEncoder(nn.Module):
         self.output_norm = nn.LayerNorm(hidden_size)
         self.to_gaussian = nn.Linear(config.num_encoder_queries * hidden_size, 2 * config.latent_dim)
         self.num_queries = config.num_encoder_queries
+        self.register_buffer("feature_mean", torch.zeros(config.num_encoder_queries, hidden_size))  # (Q, hidden)
+        self.register_buffer("feature_mean_updates", torch.zeros((), dtype=torch.long))
 
     def init_from_base(self, base_model: PreTrainedModel) -> list[str]:
         """Copy the base LM's first blocks (and any position/norm weights the encoder shares with it).
@@ -103,9 +113,23 @@ class LatentEncoder(nn.Module):
         outputs = self.blocks(inputs_embeds=hidden, attention_mask=mask, position_ids=position_ids, use_cache=False)
         return outputs.last_hidden_state[:, -self.num_queries :]  # (B, Q, hidden)
 
+    def normalized_features(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Query outputs centred by the running feature mean, then LayerNorm-ed: `(B, Q, hidden)`."""
+        features = self.features(inputs_embeds, attention_mask)
+        if self.training and torch.is_grad_enabled():
+            self._update_feature_mean(features)
+        return self.output_norm(features - self.feature_mean.to(features.dtype))
+
+    @torch.no_grad()
+    def _update_feature_mean(self, features: torch.Tensor) -> None:
+        # A cumulative mean over the first 1/momentum batches, an exponential moving average after.
+        weight = max(1.0 / float(self.feature_mean_updates + 1), self.feature_mean_momentum)
+        self.feature_mean.lerp_(features.detach().mean(0).to(self.feature_mean.dtype), weight)
+        self.feature_mean_updates += 1
+
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> DiagonalGaussian:
         """q(z | tokens) for `(B, T, hidden)` embeddings; returns a Gaussian with mean and log-variance `(B, Z)`."""
-        features = self.output_norm(self.features(inputs_embeds, attention_mask))  # (B, Q, hidden)
+        features = self.normalized_features(inputs_embeds, attention_mask)  # (B, Q, hidden)
         params = self.to_gaussian(features.flatten(1))  # (B, Q*hidden) -> (B, 2Z)
         mean, logvar = params.float().chunk(2, dim=-1)  # 2 x (B, Z)
         return DiagonalGaussian(mean, logvar)

@@ -104,6 +104,8 @@ class PrefAlignPreTrainedModel(PreTrainedModel):
             # A zero output layer makes an untrained encoder return exactly N(0, I).
             init.zeros_(module.to_gaussian.weight)
             init.zeros_(module.to_gaussian.bias)
+            init.zeros_(module.feature_mean)
+            init.zeros_(module.feature_mean_updates)
         elif isinstance(module, LatentAdapter):
             init.normal_(module.weight, mean=0.0, std=self.config.adapter_init_std)
             init.normal_(module.bias, mean=0.0, std=self.config.adapter_init_std)
@@ -340,7 +342,10 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
 
         The prompt is tokenized exactly as for generation (chat template with the generation prompt).
         """
-        features = self.latent_encoder.output_norm(self.encode_features(input_ids, attention_mask))  # (B, Q, hidden)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.get_input_embeddings()(input_ids)
+        features = self.latent_encoder.normalized_features(embeds, attention_mask)  # (B, Q, hidden)
         return features.mean(dim=1).float()
 
     def fingerprint(self) -> str:
