@@ -71,7 +71,10 @@ def active_dimensions(model, tokenizer, pool, threshold: float) -> tuple[int, li
         mask = torch.zeros_like(ids)
         for i, seq in enumerate(seqs):
             ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
-        kls.append(model.posterior(ids.to(model.device), mask.to(model.device)).kl_to_standard_normal().cpu())
+        response_mask = mask.clone()
+        response_mask[:, : len(prompt_ids)] = 0
+        posterior = model.posterior(ids.to(model.device), mask.to(model.device), response_mask.to(model.device))
+        kls.append(posterior.kl_to_standard_normal().cpu())
     per_dim = torch.cat(kls).mean(0)
     return int((per_dim > threshold).sum()), per_dim.tolist()
 
@@ -86,14 +89,17 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--pool-batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--encoder-blocks-learning-rate", type=float, default=None)
     parser.add_argument("--num-epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--prompts-per-step", type=int, default=1)
     parser.add_argument("--responses-per-step", type=int, default=None)
     parser.add_argument("--negatives", type=int, default=3, help="contrastive negatives per response in training")
     parser.add_argument("--kl-weight", type=float, default=1.0)
+    parser.add_argument("--kl-warmup", type=float, default=0.0, help="KL annealing steps (or fraction of steps)")
     parser.add_argument("--contrastive-latents", choices=["sample", "mean"], default="sample")
     parser.add_argument("--gradient-skip-path", action="store_true")
+    parser.add_argument("--posterior-init-logvar", type=float, default=0.0, help="see PrefAlignConfig")
     parser.add_argument("--num-latents", type=int, default=4, help="z per held-out prompt for the distinct-n check")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -134,16 +140,18 @@ def main() -> None:
     train_pool, heldout_pool = pool.select(range(num_train)), pool.select(range(num_train, len(pool)))
 
     # 2. CLaP training (one-time cost per base model).
-    model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer)
+    model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer, posterior_init_logvar=args.posterior_init_logvar)
     config = CLaPConfig(
         output_dir=str(output_dir / "trainer"),
         learning_rate=args.learning_rate,
+        encoder_blocks_learning_rate=args.encoder_blocks_learning_rate,
         num_train_epochs=args.num_epochs,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.prompts_per_step,
         responses_per_step=args.responses_per_step,
         contrastive_num_negatives=args.negatives,
         kl_weight=args.kl_weight,
+        kl_warmup_steps=args.kl_warmup,
         contrastive_latents=args.contrastive_latents,
         gradient_skip_path=args.gradient_skip_path,
         logging_steps=10,

@@ -37,6 +37,11 @@ class PrefAlignConfig(PreTrainedConfig):
             Learned query vectors appended to the encoder's input; their outputs parameterise q(z|x,y).
         adapter_init_std (`float`, *optional*, defaults to 0.02):
             Standard deviation of the latent adapter's initial weights.
+        posterior_init_logvar (`float`, *optional*, defaults to 0.0):
+            Initial log-variance of the untrained posterior q(z|x,y) (its mean starts at 0). 0 gives exactly N(0, I);
+            a negative value (e.g. -4) starts CLaP with near-deterministic latents, so the NLL and contrastive
+            gradients reach the encoder through z rather than through prior noise; the aggregated-posterior KL then
+            spreads a prompt's latents over the prior. The prior of a user (`PreferenceEmbedding`) is always N(0, I).
         gradient_skip_path (`bool`, *optional*, defaults to `False`):
             Add a gradient-only path z -> final hidden state (zero in the forward pass) that helps the encoder learn
             while the base LM is frozen. Active only in training mode.
@@ -71,6 +76,7 @@ class PrefAlignConfig(PreTrainedConfig):
     num_encoder_layers: int = 2
     num_encoder_queries: int = 4
     adapter_init_std: float = 0.02
+    posterior_init_logvar: float = 0.0
     gradient_skip_path: bool = False
     training_summary: dict | None = None
     base_included: bool = False

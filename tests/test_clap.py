@@ -809,3 +809,23 @@ def test_invalid_config_values_are_rejected(tmp_path, options):
     name = next(iter(options))
     with pytest.raises(ValueError, match=name):
         _config(tmp_path, **options)
+
+
+def test_kl_warmup_raises_the_kl_weight_linearly(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=4, kl_warmup_steps=4, kl_weight=2.0, logging_steps=1)
+    trainer.train()
+    weights = [log["loss/kl_weight"] for log in trainer.state.log_history if "loss/kl_weight" in log]
+    assert weights == pytest.approx([0.0, 0.5, 1.0, 1.5])
+
+
+def test_encoder_blocks_get_their_own_learning_rate(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=2, learning_rate=1e-2, encoder_blocks_learning_rate=0.0, warmup_steps=0)
+    blocks = {name: p.detach().clone() for name, p in trainer.model.latent_encoder.blocks.named_parameters()}
+    head = trainer.model.latent_encoder.to_gaussian.weight.detach().clone()
+    trainer.train()
+    for name, tensor in trainer.model.latent_encoder.blocks.named_parameters():
+        assert torch.equal(tensor, blocks[name]), f"{name} moved with learning rate 0"
+    assert not torch.equal(trainer.model.latent_encoder.to_gaussian.weight, head)
+    initial_lr = {id(p): group["initial_lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert {initial_lr[id(p)] for p in trainer.model.latent_encoder.blocks.parameters()} == {0.0}
+    assert initial_lr[id(trainer.model.latent_encoder.to_gaussian.weight)] == pytest.approx(1e-2)

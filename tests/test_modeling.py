@@ -202,3 +202,55 @@ def test_auto_classes_know_prefalign(base):
     assert isinstance(config, PrefAlignConfig)
     model = AutoModelForCausalLM.from_config(config)
     assert isinstance(model, PrefAlignForCausalLM)
+
+
+def _trained_head(backbone: PrefAlignForCausalLM) -> PrefAlignForCausalLM:
+    torch.manual_seed(0)
+    torch.nn.init.normal_(backbone.latent_encoder.to_gaussian.weight, std=0.1)
+    return backbone
+
+
+def test_posterior_reads_the_response_wherever_the_padding_is(backbone):
+    backbone = _trained_head(backbone)
+    prompt, response = [5, 6, 7, 8], [9, 10, 2]
+    alone = backbone.posterior(torch.tensor([prompt + response]), response_mask=torch.tensor([[0] * 4 + [1] * 3]))
+    other = [11, 12, 13, 14, 15, 16, 17, 18, 19]
+    for side in ("right", "left"):
+        pad = [0] * (len(other) - 7)
+        row = prompt + response + pad if side == "right" else pad + prompt + response
+        mask = [1] * 7 + [0] * len(pad) if side == "right" else [0] * len(pad) + [1] * 7
+        response_mask = [0] * 4 + [1] * 3 + [0] * len(pad) if side == "right" else [0] * (len(pad) + 4) + [1] * 3
+        batch = backbone.posterior(
+            torch.tensor([row, other]),
+            torch.tensor([mask, [1] * len(other)]),
+            response_mask=torch.tensor([response_mask, [0] * 5 + [1] * 4]),
+        )
+        torch.testing.assert_close(batch.mean[0], alone.mean[0], atol=1e-5, rtol=1e-4, msg=side)
+        torch.testing.assert_close(batch.logvar[0], alone.logvar[0], atol=1e-5, rtol=1e-4, msg=side)
+    # Without a response mask the queries read the prompt too: another posterior.
+    everything = backbone.posterior(torch.tensor([prompt + response]))
+    assert not torch.allclose(everything.mean, alone.mean)
+
+
+def test_posterior_init_logvar_sets_the_untrained_variance(base):
+    model = PrefAlignForCausalLM.from_base(base, latent_dim=LATENT_DIM, posterior_init_logvar=-4.0).eval()
+    posterior = model.posterior(torch.tensor([[4, 5, 6]]))
+    assert torch.equal(posterior.mean, torch.zeros(1, LATENT_DIM))
+    assert torch.equal(posterior.logvar, torch.full((1, LATENT_DIM), -4.0))
+
+
+def test_feature_mean_is_tracked_in_training_only(backbone):
+    encoder = backbone.latent_encoder
+    input_ids, attention_mask = left_padded_batch([5, 3])
+    backbone.eval()
+    backbone.posterior(input_ids, attention_mask)
+    assert int(encoder.feature_mean_updates) == 0 and torch.count_nonzero(encoder.feature_mean) == 0
+    backbone.train()
+    backbone.posterior(input_ids, attention_mask)
+    first = encoder.feature_mean.clone()
+    assert int(encoder.feature_mean_updates) == 1 and torch.count_nonzero(first) > 0
+    with torch.no_grad():  # feature extraction for caches or metrics leaves the statistics alone
+        backbone.posterior(input_ids, attention_mask)
+    assert int(encoder.feature_mean_updates) == 1 and torch.equal(encoder.feature_mean, first)
+    # It is a saved buffer: part of the latent weights (and so of the fingerprint).
+    assert "latent_encoder.feature_mean" in backbone.latent_state_dict()

@@ -161,10 +161,17 @@ class LatentCache:
         items = list(todo_responses.items())
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
+            prompt_ids = [tokenize_prompt(self.tokenizer, p) for _, (p, _) in chunk]
             ids, mask = self._pad(
-                [tokenize_prompt(self.tokenizer, p) + tokenize_response(self.tokenizer, r) for _, (p, r) in chunk]
+                [
+                    prompt + tokenize_response(self.tokenizer, r)
+                    for prompt, (_, (_, r)) in zip(prompt_ids, chunk, strict=True)
+                ]
             )
-            posterior = self.model.posterior(ids, mask)
+            response_mask = mask.clone()
+            for row, prompt in enumerate(prompt_ids):
+                response_mask[row, : len(prompt)] = 0  # right padding: the prompt comes first
+            posterior = self.model.posterior(ids, mask, response_mask)
             stacked = torch.stack([posterior.mean, posterior.logvar], dim=1).cpu()  # (b, 2, Z)
             for (key, _), value in zip(chunk, stacked, strict=True):
                 self._responses[key] = value

@@ -43,6 +43,9 @@ class LatentEncoder(nn.Module):
     linear layer starts at zero, so an untrained encoder returns exactly N(0, I).
 
     The same encoder reads prompt + response (posterior q(z|x,y)) or a prompt alone (features for a user's prior).
+    For a posterior the queries read the response tokens only (`query_mask`), which have seen the prompt through the
+    blocks' causal attention: read over the whole sequence, the queries mostly see the prompt (shared by all of its
+    responses) and the attention-sink token, and the posterior hardly tells a prompt's responses apart.
 
     The query outputs are centred by a running mean (`feature_mean`, updated in training mode, a saved buffer) before
     the LayerNorm. Hidden states of pretrained LMs share a large constant component (massive activations): measured on
@@ -92,17 +95,22 @@ class LatentEncoder(nn.Module):
             )
         return sorted(copied)
 
-    def features(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Outputs of the learned queries.
 
         Args:
             inputs_embeds (`torch.Tensor` of shape `(B, T, hidden)`): token embeddings of the base LM.
             attention_mask (`torch.Tensor` of shape `(B, T)`): 1 for real tokens, 0 for padding (either side).
+            query_mask (`torch.Tensor` of shape `(B, T)`, *optional*): the tokens the queries read (e.g. the response
+                of prompt + response); the tokens themselves still attend causally to everything before them. `None`:
+                the queries read every real token.
 
         Returns:
             `torch.Tensor` of shape `(B, Q, hidden)`.
         """
-        batch = inputs_embeds.shape[0]
+        batch, length = attention_mask.shape
         queries = self.queries.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, Q, hidden)
         hidden = torch.cat([inputs_embeds, queries], dim=1)  # (B, T+Q, hidden)
         mask = torch.cat(
@@ -110,12 +118,30 @@ class LatentEncoder(nn.Module):
         )
         # Queries sit right after the last real token, wherever the padding is.
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T+Q)
+        if query_mask is not None:
+            mask = self._query_attention_mask(attention_mask.bool(), query_mask.bool() & attention_mask.bool())
         outputs = self.blocks(inputs_embeds=hidden, attention_mask=mask, position_ids=position_ids, use_cache=False)
         return outputs.last_hidden_state[:, -self.num_queries :]  # (B, Q, hidden)
 
-    def normalized_features(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _query_attention_mask(self, attention_mask: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """`(B, 1, T+Q, T+Q)` boolean mask: tokens attend causally to real tokens, queries to `query_mask` tokens and
+        to the queries up to themselves; every row sees itself (a padding row must not be empty)."""
+        batch, length = attention_mask.shape
+        size = length + self.num_queries
+        device = attention_mask.device
+        keys = torch.cat([attention_mask, attention_mask.new_ones(batch, self.num_queries)], dim=1)  # (B, T+Q)
+        causal = torch.ones(size, size, dtype=torch.bool, device=device).tril()
+        mask = causal.unsqueeze(0) & keys.unsqueeze(1)  # (B, T+Q, T+Q)
+        query_keys = torch.cat([query_mask, query_mask.new_ones(batch, self.num_queries)], dim=1)  # (B, T+Q)
+        mask[:, length:] &= query_keys.unsqueeze(1)
+        mask |= torch.eye(size, dtype=torch.bool, device=device).unsqueeze(0)
+        return mask.unsqueeze(1)
+
+    def normalized_features(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Query outputs centred by the running feature mean, then LayerNorm-ed: `(B, Q, hidden)`."""
-        features = self.features(inputs_embeds, attention_mask)
+        features = self.features(inputs_embeds, attention_mask, query_mask)
         if self.training and torch.is_grad_enabled():
             self._update_feature_mean(features)
         return self.output_norm(features - self.feature_mean.to(features.dtype))
@@ -127,9 +153,11 @@ class LatentEncoder(nn.Module):
         self.feature_mean.lerp_(features.detach().mean(0).to(self.feature_mean.dtype), weight)
         self.feature_mean_updates += 1
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> DiagonalGaussian:
+    def forward(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor | None = None
+    ) -> DiagonalGaussian:
         """q(z | tokens) for `(B, T, hidden)` embeddings; returns a Gaussian with mean and log-variance `(B, Z)`."""
-        features = self.normalized_features(inputs_embeds, attention_mask)  # (B, Q, hidden)
+        features = self.normalized_features(inputs_embeds, attention_mask, query_mask)  # (B, Q, hidden)
         params = self.to_gaussian(features.flatten(1))  # (B, Q*hidden) -> (B, 2Z)
         mean, logvar = params.float().chunk(2, dim=-1)  # 2 x (B, Z)
         return DiagonalGaussian(mean, logvar)

@@ -69,7 +69,14 @@ _BASE_IDENTITY_FIELDS = (
     "head_dim",
     "vocab_size",
 )
-_LATENT_OPTIONS = ("latent_dim", "num_prefix_slots", "num_encoder_layers", "num_encoder_queries", "adapter_init_std")
+_LATENT_OPTIONS = (
+    "latent_dim",
+    "num_prefix_slots",
+    "num_encoder_layers",
+    "num_encoder_queries",
+    "adapter_init_std",
+    "posterior_init_logvar",
+)
 
 
 def _check_base_matches(expected: Any, found: Any, where: str) -> None:
@@ -101,9 +108,11 @@ class PrefAlignPreTrainedModel(PreTrainedModel):
             init.normal_(module.queries, mean=0.0, std=self.config.adapter_init_std)
             init.ones_(module.output_norm.weight)
             init.zeros_(module.output_norm.bias)
-            # A zero output layer makes an untrained encoder return exactly N(0, I).
+            # A zero output layer makes an untrained encoder return N(0, exp(posterior_init_logvar) I): N(0, I) at 0.
             init.zeros_(module.to_gaussian.weight)
-            init.zeros_(module.to_gaussian.bias)
+            bias = torch.zeros_like(module.to_gaussian.bias)  # (2Z,): mean half, log-variance half
+            bias[self.config.latent_dim :] = self.config.posterior_init_logvar
+            init.copy_(module.to_gaussian.bias, bias)  # (skipped, like every init, for weights loaded from disk)
             init.zeros_(module.feature_mean)
             init.zeros_(module.feature_mean_updates)
         elif isinstance(module, LatentAdapter):
@@ -190,7 +199,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             revision (`str`, *optional*): Hub revision when loading by name.
             dtype (`torch.dtype` or `str`, *optional*): dtype when loading by name.
             **latent_options: `latent_dim`, `num_prefix_slots`, `num_encoder_layers`, `num_encoder_queries`,
-                `adapter_init_std` (see [`PrefAlignConfig`]).
+                `adapter_init_std`, `posterior_init_logvar` (see [`PrefAlignConfig`]).
 
         Example:
 
@@ -317,19 +326,27 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------
     # Latent side
     # ------------------------------------------------------------------
-    def posterior(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> DiagonalGaussian:
+    def posterior(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        response_mask: torch.Tensor | None = None,
+    ) -> DiagonalGaussian:
         """q(z | x, y) for token sequences (prompt + response, or a prompt alone).
 
         Args:
             input_ids (`torch.LongTensor` of shape `(B, T)`): token ids, padded on either side.
             attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for real tokens.
+            response_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for the response's tokens (EOS included),
+                which the encoder's queries read (CLaP trains them so, and [`LatentCache`] encodes so). `None`: the
+                queries read every token.
 
         Returns:
             [`DiagonalGaussian`] with `mean` and `logvar` of shape `(B, Z)`, in fp32.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.latent_encoder(self.get_input_embeddings()(input_ids), attention_mask)
+        return self.latent_encoder(self.get_input_embeddings()(input_ids), attention_mask, response_mask)
 
     def encode_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder's query outputs `(B, Q, hidden)` for `(B, T)` tokens (used to feed per-user priors)."""

@@ -82,7 +82,14 @@ class CLaPConfig(TrainingArguments):
             "choices": ["sequence", "token"],
         },
     )
-    kl_weight: float = field(default=1.0, metadata={"help": "Weight of the KL term (no annealing)."})
+    kl_weight: float = field(default=1.0, metadata={"help": "Weight of the KL term."})
+    kl_warmup_steps: float = field(
+        default=0,
+        metadata={
+            "help": "KL annealing: the KL weight rises linearly from 0 to `kl_weight` over this many steps (a "
+            "fraction of all steps when in (0, 1)); 0 = no annealing, as in the paper."
+        },
+    )
     contrastive_weight: float = field(
         default=1.0, metadata={"help": "Weight of the InfoNCE term over one prompt's responses (0 turns it off)."}
     )
@@ -119,6 +126,13 @@ class CLaPConfig(TrainingArguments):
     freeze_base: bool = field(default=True, metadata={"help": "Train only the latent encoder and adapter."})
     gradient_skip_path: bool = field(
         default=False, metadata={"help": "Add the gradient-only shortcut z -> final hidden state."}
+    )
+    encoder_blocks_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the latent encoder's transformer blocks (copied from the pretrained base), "
+            "e.g. 10x below `learning_rate` to keep their pretrained features; None: `learning_rate`."
+        },
     )
     # Data
     max_length: int = field(default=256, metadata={"help": "Longest prompt + response in tokens (truncated beyond)."})
@@ -157,6 +171,10 @@ class CLaPConfig(TrainingArguments):
         for name in ("nll_weight", "kl_weight", "contrastive_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.encoder_blocks_learning_rate is not None and self.encoder_blocks_learning_rate < 0:
+            raise ValueError(f"`encoder_blocks_learning_rate` must be >= 0, got {self.encoder_blocks_learning_rate}.")
+        if self.kl_warmup_steps < 0:
+            raise ValueError(f"`kl_warmup_steps` must be >= 0, got {self.kl_warmup_steps}.")
         if self.kl_samples <= 0:
             raise ValueError(f"`kl_samples` must be positive, got {self.kl_samples}.")
         if self.contrastive_num_negatives is not None and self.contrastive_num_negatives <= 0:

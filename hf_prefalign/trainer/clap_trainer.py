@@ -198,7 +198,7 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         labels, group_index = inputs["labels"], inputs["group_index"]
 
-        posterior = backbone.posterior(input_ids, attention_mask)  # (N, Z) each
+        posterior = backbone.posterior(input_ids, attention_mask, response_mask=labels != -100)  # (N, Z) each
         # Training samples z by reparameterisation; evaluation uses the posterior mean (deterministic metrics).
         latents = posterior.rsample() if mode == "train" else posterior.mean  # (N, Z)
         # Only positions that predict response tokens need logits: skip the shared prompt (lm_head is ~20% of a pass).
@@ -219,13 +219,16 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         else:
             kl = per_dim_kl.sum()
 
-        loss = args.nll_weight * nll + args.kl_weight * kl
+        kl_weight = self._current_kl_weight() if mode == "train" else args.kl_weight
+        loss = args.nll_weight * nll + kl_weight * kl
         metrics = {
             "loss/nll": nll.detach(),
             "nll/per_token": nll_per_token.detach(),
             "loss/kl": kl.detach(),
             "latent/active_dims": (per_dim_kl.detach() > args.active_dim_threshold).sum().float(),
         }
+        if args.kl_warmup_steps > 0:
+            metrics["loss/kl_weight"] = torch.tensor(kl_weight)
         if args.contrastive_weight > 0 or mode == "eval":
             num_negatives = args.contrastive_num_negatives if mode == "train" else None
             negatives = negative_indices(group_index, num_negatives)  # (N, C-1)
@@ -264,6 +267,33 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         self._record_metrics(mode, metrics)
         return (loss, {"logits": logits}) if return_outputs else loss
 
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer; the encoder's pretrained blocks move to their own group with
+        `encoder_blocks_learning_rate` when it is set (the LR scheduler then scales both groups alike)."""
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        lr = self.args.encoder_blocks_learning_rate
+        if lr is None or getattr(optimizer, "_prefalign_blocks_group", False):
+            return optimizer
+        backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(model if model is not None else self.model)
+        block_ids = {id(p) for p in backbone.latent_encoder.blocks.parameters()}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in block_ids]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in block_ids]
+                settings = {key: value for key, value in group.items() if key != "params"}
+                optimizer.add_param_group({**settings, "params": moved, "lr": lr})
+        optimizer._prefalign_blocks_group = True
+        return optimizer
+
+    def _current_kl_weight(self) -> float:
+        """`kl_weight`, scaled by the linear KL warm-up (`kl_warmup_steps`) at the current step."""
+        warmup = self.args.kl_warmup_steps
+        if warmup <= 0:
+            return self.args.kl_weight
+        if warmup < 1:  # a fraction of all training steps
+            warmup = warmup * max(self.state.max_steps, 1)
+        return self.args.kl_weight * min(1.0, self.state.global_step / warmup)
+
     def get_eval_dataloader(self, eval_dataset: Dataset | str | None = None):
         """Evaluation ranks every response of a prompt: no response subsampling."""
         collator = self.data_collator
@@ -286,12 +316,14 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         "gradient_accumulation_steps",
         "nll_weight",
         "kl_weight",
+        "kl_warmup_steps",
         "contrastive_weight",
         "kl_estimator",
         "kl_samples",
         "contrastive_num_negatives",
         "contrastive_latents",
         "responses_per_step",
+        "encoder_blocks_learning_rate",
         "freeze_base",
         "gradient_skip_path",
         "max_length",
