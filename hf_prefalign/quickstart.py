@@ -147,13 +147,16 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
         echo(f"[2/4] CLaP: training the backbone on {len(pool)} prompts")
         if base is None:
             base, tokenizer = load_default_base()
-        model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer)
+        # The recipe of the best CLaP run so far (docs/clap.md, run 7).
+        model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer, posterior_init_logvar=-4.0)
         args = CLaPConfig(
             output_dir=str(output / "clap-trainer"),
-            learning_rate=5e-4,
+            learning_rate=1e-3,
+            encoder_blocks_learning_rate=1e-4,
+            kl_warmup_steps=0.5,
             num_train_epochs=1,
-            responses_per_step=4,
-            contrastive_num_negatives=3,
+            responses_per_step=8,
+            contrastive_num_negatives=1,
             save_strategy="no",
             logging_steps=5,
             seed=config.seed,
