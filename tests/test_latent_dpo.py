@@ -314,7 +314,9 @@ def test_cache_entries_match_a_direct_encoding(users):
             _column(encoded, "features")[1], model.prompt_features(**ids)[0], atol=1e-5, rtol=1e-5
         )
         full = tokenizer([rows[1]["prompt"] + " " + rows[1]["chosen"] + " <eos>"], return_tensors="pt")
-        posterior = model.posterior(**full)
+        response_mask = torch.ones_like(full["input_ids"])
+        response_mask[:, : ids["input_ids"].shape[1]] = 0  # the encoder's queries read the response only
+        posterior = model.posterior(**full, response_mask=response_mask)
     torch.testing.assert_close(_column(encoded, "chosen_mean")[1], posterior.mean[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_column(encoded, "chosen_logvar")[1], posterior.logvar[0], atol=1e-5, rtol=1e-5)
 
