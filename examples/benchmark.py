@@ -824,6 +824,25 @@ def evaluate_generations(
 # ----------------------------------------------------------------------
 # Training: Latent DPO (ours) and the TRL baselines
 # ----------------------------------------------------------------------
+def training_figures(
+    times: list[float], result: Any, memory: dict[str, float], directory: Path, model: torch.nn.Module, lr: float
+) -> dict[str, Any]:
+    """The figures every method records for one user: time, steps, memory, artefact size, parameters, loss."""
+    total, weights = folder_bytes(directory)
+    return {
+        "train_seconds": statistics.median(times),
+        "train_seconds_all": times,
+        "steps": result.global_step,
+        **memory,
+        "artefact_bytes": total,
+        "weights_bytes": weights,
+        "trainable_parameters": trainable_parameters(model),
+        "final_loss": result.training_loss,
+        "learning_rate": lr,
+        "train_runtime_reported_by_trainer": result.metrics.get("train_runtime"),
+    }
+
+
 def train_latent_dpo(
     setup: Setup, cache: LatentCache, user: str, pairs: Dataset, args: BenchmarkArguments, work: Path
 ) -> tuple[dict[str, Any], Path]:
@@ -843,21 +862,13 @@ def train_latent_dpo(
         memory = memory or figures  # the first run's: later runs reuse memory the first one allocated
     directory = work / "users" / user / "latent_dpo"
     trainer.save_preference(directory)
-    total, weights = folder_bytes(directory)
-    figures = {
-        "train_seconds": statistics.median(times),
-        "train_seconds_all": times,
-        "steps": result.global_step,
-        **memory,
-        "artefact_bytes": total,
-        "weights_bytes": weights,
-        "trainable_parameters": trainable_parameters(trainer.model),
-        "final_loss": result.training_loss,
-        "learning_rate": kwargs["learning_rate"],
-        "train_runtime_reported_by_trainer": result.metrics.get("train_runtime"),
-        "cache_seconds_this_user": trainer.cache_seconds,
-        "encoder_sequences_this_user": trainer.cache_sequences_encoded,
-    }
+    figures = training_figures(times, result, memory, directory, trainer.model, kwargs["learning_rate"])
+    figures.update(
+        {
+            "cache_seconds_this_user": trainer.cache_seconds,
+            "encoder_sequences_this_user": trainer.cache_sequences_encoded,
+        }
+    )
     return figures, directory
 
 
@@ -974,21 +985,13 @@ def train_trl_dpo(
     model = trainer.model.eval()
     directory = work / "users" / user / method
     model.save_pretrained(directory)
-    total, weights = folder_bytes(directory)
     logs = [log for log in trainer.state.log_history if "rewards/accuracies" in log]
-    figures = {
-        "train_seconds": statistics.median(times),
-        "train_seconds_all": times,
-        "steps": result.global_step,
-        **memory,
-        "artefact_bytes": total,
-        "weights_bytes": weights,
-        "trainable_parameters": trainable_parameters(model),
-        "final_loss": result.training_loss,
-        "learning_rate": kwargs["learning_rate"],
-        "train_runtime_reported_by_trainer": result.metrics.get("train_runtime"),
-        "rewards_accuracy_last_log": logs[-1]["rewards/accuracies"] if logs else None,
-    }
+    figures = training_figures(times, result, memory, directory, model, kwargs["learning_rate"])
+    figures.update(
+        {
+            "rewards_accuracy_last_log": logs[-1]["rewards/accuracies"] if logs else None,
+        }
+    )
     return figures, directory, model
 
 
