@@ -14,6 +14,7 @@ loop (one-time costs, reported separately).
 
     python examples/clap_evidence.py                      # full run (about 45 min on 2 cores)
     python examples/clap_evidence.py --num-prompts 40 --max-steps 20 --output-json ""   # a quick look
+    python examples/clap_evidence.py --backbone outputs/clap/backbone --posterior-refinement-steps 1  # re-evaluate
 """
 
 from __future__ import annotations
@@ -100,6 +101,16 @@ def main() -> None:
     parser.add_argument("--contrastive-latents", choices=["sample", "mean"], default="sample")
     parser.add_argument("--gradient-skip-path", action="store_true")
     parser.add_argument("--posterior-init-logvar", type=float, default=0.0, help="see PrefAlignConfig")
+    parser.add_argument(
+        "--posterior-refinement-steps",
+        type=int,
+        default=0,
+        help="evaluate (and save the backbone) with this many gradient steps on the posterior mean; the encoder alone "
+        "is evaluated too (see PrefAlignConfig)",
+    )
+    parser.add_argument("--posterior-refinement-step-size", type=float, default=3.0)
+    parser.add_argument("--backbone", default=None, help="evaluate this trained backbone instead of training one")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the distinct-n check")
     parser.add_argument("--num-latents", type=int, default=4, help="z per held-out prompt for the distinct-n check")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -139,8 +150,13 @@ def main() -> None:
     num_train = int(round(0.9 * len(pool)))
     train_pool, heldout_pool = pool.select(range(num_train)), pool.select(range(num_train, len(pool)))
 
-    # 2. CLaP training (one-time cost per base model).
-    model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer, posterior_init_logvar=args.posterior_init_logvar)
+    # 2. CLaP training (one-time cost per base model), or a backbone trained before.
+    if args.backbone is None:
+        model = PrefAlignForCausalLM.from_base(
+            base, tokenizer=tokenizer, posterior_init_logvar=args.posterior_init_logvar
+        )
+    else:
+        model = PrefAlignForCausalLM.from_pretrained(args.backbone, base_model=base)
     config = CLaPConfig(
         output_dir=str(output_dir / "trainer"),
         learning_rate=args.learning_rate,
@@ -160,20 +176,50 @@ def main() -> None:
         use_cpu=device == "cpu",
     )
     trainer = CLaPTrainer(
-        model=model, args=config, train_dataset=train_pool, eval_dataset=heldout_pool, processing_class=tokenizer
+        model, args=config, train_dataset=train_pool, eval_dataset=heldout_pool, processing_class=tokenizer
     )
-    start = time.perf_counter()
-    train_output = trainer.train()
-    training_seconds = time.perf_counter() - start
+    if args.backbone is None:
+        start = time.perf_counter()
+        train_output = trainer.train()
+        training = {
+            "seconds": time.perf_counter() - start,
+            "steps": train_output.global_step,
+            "final_logs": [log for log in trainer.state.log_history if "loss/nll" in log][-3:],
+        }
+        training_settings = {
+            key: getattr(args, key)
+            for key in ("learning_rate", "num_epochs", "responses_per_step", "negatives", "contrastive_latents")
+        }
+    else:  # what the backbone's own training recorded
+        summary = model.config.training_summary or {}
+        recorded = summary.get("settings", {})
+        training = {"seconds": summary.get("train_seconds"), "steps": summary.get("steps"), "reused": args.backbone}
+        training_settings = {
+            "learning_rate": recorded.get("learning_rate"),
+            "num_epochs": recorded.get("num_train_epochs"),
+            "responses_per_step": recorded.get("responses_per_step"),
+            "negatives": recorded.get("contrastive_num_negatives"),
+            "contrastive_latents": recorded.get("contrastive_latents"),
+        }
+    training["seconds_per_step"] = (training["seconds"] or 0) / max(training["steps"] or 0, 1)
     model.eval()
 
-    # 3. Held-out evidence.
-    metrics = trainer.evaluate()
+    # 3. Held-out evidence: the encoder alone, then (if asked) the refined posterior that the backbone keeps.
+    model.config.posterior_refinement_steps = 0
+    encoder_metrics = trainer.evaluate()
+    metrics = encoder_metrics
+    refinement_seconds = None
+    if args.posterior_refinement_steps > 0:
+        model.config.posterior_refinement_steps = args.posterior_refinement_steps
+        model.config.posterior_refinement_step_size = args.posterior_refinement_step_size
+        start = time.perf_counter()
+        metrics = trainer.evaluate()
+        refinement_seconds = time.perf_counter() - start
     active, per_dim_kl = active_dimensions(model, tokenizer, heldout_pool, config.active_dim_threshold)
     sample = {
         "do_sample": True,
         "top_k": 50,
-        "temperature": 1.0,
+        "temperature": args.temperature,
         "max_new_tokens": args.max_new_tokens,
         "pad_token_id": tokenizer.pad_token_id,
     }
@@ -214,16 +260,19 @@ def main() -> None:
             "sampling_seconds": sampling_seconds,
             "responses_per_second": None if sampling_seconds is None else len(pool) * k / sampling_seconds,
         },
-        "training": {
-            "seconds": training_seconds,
-            "steps": train_output.global_step,
-            "seconds_per_step": training_seconds / max(train_output.global_step, 1),
-            "final_logs": [log for log in trainer.state.log_history if "loss/nll" in log][-3:],
+        "training": training,
+        "training_settings": training_settings,
+        "posterior": {
+            "refinement_steps": args.posterior_refinement_steps,
+            "refinement_step_size": args.posterior_refinement_step_size,
+            "refined_evaluation_seconds": refinement_seconds,
         },
         "heldout": {
             "contrastive_accuracy": metrics["eval_contrastive/accuracy"],
             "chance": 1 / k,
             "accuracy_over_chance": metrics["eval_contrastive/accuracy"] * k,
+            "contrastive_accuracy_encoder_only": encoder_metrics["eval_contrastive/accuracy"],
+            "nll_posterior_mean_encoder_only": encoder_metrics["eval_nll/posterior"],
             "active_dims": active,
             "latent_dim": model.config.latent_dim,
             "per_dim_kl": per_dim_kl,
@@ -236,7 +285,7 @@ def main() -> None:
         },
     }
     print(json.dumps({key: results[key] for key in ("pool", "heldout")}, indent=2)[:3000])
-    print(f"training loop: {training_seconds:.0f}s for {train_output.global_step} steps")
+    print(f"training loop: {training['seconds']}s for {training['steps']} steps")
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
@@ -249,31 +298,51 @@ def main() -> None:
 def render_table(results: dict) -> str:
     """The figures of one run as a Markdown page (generated; do not edit by hand)."""
     held, pool, training = results["heldout"], results["pool"], results["training"]
-    settings = results["settings"]
+    settings, trained = results["settings"], results["training_settings"]
+    refinement = results["posterior"]
+    k = pool["responses_per_prompt"]
     rate = pool["responses_per_second"]
+    refined = refinement["refinement_steps"] > 0
+    posterior_name = (
+        f"encoder + {refinement['refinement_steps']} refinement step(s) of length {refinement['refinement_step_size']}"
+        if refined
+        else "encoder"
+    )
     lines = [
         "<!-- generated by examples/clap_evidence.py; do not edit -->",
         "# CLaP on SmolLM2-135M-Instruct: measured",
         "",
         f"Device: {results['machine']['device']} ({results['machine']['cpu_threads']} threads). "
-        f"Pool: {pool['prompts']} bundled prompts x {pool['responses_per_prompt']} responses "
+        f"Pool: {pool['prompts']} bundled prompts x {k} responses "
         f"({settings['max_new_tokens']} new tokens max); CLaP trained on {pool['train_prompts']} prompts, "
-        f"evaluated on the {pool['heldout_prompts']} held-out ones. Settings: lr {settings['learning_rate']}, "
-        f"{settings['num_epochs']} epoch(s), {settings['responses_per_step'] or 'all'} responses per step, "
-        f"{settings['negatives']} contrastive negatives per response "
-        f"(scored with the posterior {'means' if settings.get('contrastive_latents') == 'mean' else 'samples'}).",
+        f"evaluated on the {pool['heldout_prompts']} held-out ones. Settings: lr {trained['learning_rate']}, "
+        f"{trained['num_epochs']} epoch(s), {trained['responses_per_step'] or 'all'} responses per step, "
+        f"{trained['negatives']} contrastive negatives per response "
+        f"(scored with the posterior {'means' if trained.get('contrastive_latents') == 'mean' else 'samples'}). "
+        f"Posterior: {posterior_name}.",
         "",
         "| held-out measure | value | target |",
         "| --- | ---: | --- |",
-        f"| contrastive accuracy (own z ranked first of {pool['responses_per_prompt']}) | "
+        f"| contrastive accuracy (own z ranked first of {k}) | "
         f"{held['contrastive_accuracy']:.3f} ({held['accuracy_over_chance']:.2f}x chance {held['chance']:.3f}) | "
         ">= 3x chance |",
+    ]
+    if refined:
+        lines.append(
+            f"| contrastive accuracy, encoder alone | {held['contrastive_accuracy_encoder_only']:.3f} "
+            f"({held['contrastive_accuracy_encoder_only'] * k:.2f}x chance) | |"
+        )
+    lines += [
         f"| active latent dimensions (KL > 0.01 nat) | {held['active_dims']} / {held['latent_dim']} | > half |",
-        f"| distinct-2 across {settings['num_latents']} prior z (sampled) | {held['distinct2_across_z_sampled']:.3f} | > within one z |",
-        f"| distinct-2 within one z (sampled) | {held['distinct2_within_z_sampled']:.3f} | |",
+        f"| distinct-2 across {settings['num_latents']} prior z (sampled, T={settings.get('temperature', 1.0)}) | {held['distinct2_across_z_sampled']:.3f} | > within one z |",
+        f"| distinct-2 within one z (sampled, T={settings.get('temperature', 1.0)}) | {held['distinct2_within_z_sampled']:.3f} | |",
         f"| distinct-2 across {settings['num_latents']} prior z (greedy) | {held['distinct2_across_z_greedy']:.3f} | |",
         f"| prompts whose greedy responses under {settings['num_latents']} z all differ | {held['greedy_all_different_fraction']:.2f} | |",
         f"| NLL of responses, posterior mean z | {held['nll_posterior_mean']:.4f} | < NLL with z = 0 |",
+    ]
+    if refined:
+        lines.append(f"| NLL of responses, encoder-alone mean z | {held['nll_posterior_mean_encoder_only']:.4f} | |")
+    lines += [
         f"| NLL of responses, z = 0 | {held['nll_zero_latent']:.4f} | |",
         "",
         "| one-time cost (wall time) | value |",
@@ -286,9 +355,16 @@ def render_table(results: dict) -> str:
         )
         + " |",
         f"| CLaP training loop | {training['seconds']:.0f} s ({training['steps']} steps, "
-        f"{training['seconds_per_step']:.1f} s/step) |",
-        "",
+        f"{training['seconds_per_step']:.1f} s/step)"
+        + (" (recorded by the reused backbone)" if training.get("reused") else "")
+        + " |",
     ]
+    if refined:
+        lines.append(
+            f"| held-out evaluation with the refined posterior | {refinement['refined_evaluation_seconds']:.0f} s "
+            f"({pool['heldout_prompts']} prompts x {k} responses, {k * k} scorings each) |"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 

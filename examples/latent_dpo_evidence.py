@@ -63,12 +63,28 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--epochs", type=float, default=10.0)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--beta", type=float, default=0.3)
+    parser.add_argument(
+        "--posterior-refinement-steps",
+        type=int,
+        default=None,
+        help="override the backbone's setting (see PrefAlignConfig; 0: the encoder alone)",
+    )
+    parser.add_argument("--posterior-refinement-step-size", type=float, default=None)
+    parser.add_argument("--cache-dir", default=None, help="persist the latent cache here (reused by later runs)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     clap_dir, output_dir = Path(args.clap_dir), Path(args.output_dir)
 
-    model = PrefAlignForCausalLM.from_pretrained(clap_dir / "backbone")
+    overrides = {
+        name: value
+        for name, value in (
+            ("posterior_refinement_steps", args.posterior_refinement_steps),
+            ("posterior_refinement_step_size", args.posterior_refinement_step_size),
+        )
+        if value is not None
+    }
+    model = PrefAlignForCausalLM.from_pretrained(clap_dir / "backbone", **overrides)
     tokenizer = AutoTokenizer.from_pretrained(clap_dir / "backbone")
     pool_dir = next(clap_dir.glob("pool-*"))
     pool = load_response_pool(pool_dir)
@@ -76,7 +92,7 @@ def main() -> None:
     train_pool, heldout_pool = pool.select(range(num_train)), pool.select(range(num_train, len(pool)))
 
     # One-time: encode the training pool (every user below ranks these same responses).
-    cache = LatentCache(model, tokenizer, cache_dir=None)
+    cache = LatentCache(model, tokenizer, cache_dir=args.cache_dir)
     start = time.perf_counter()
     cache.encode_pool(train_pool)
     cache_seconds = time.perf_counter() - start
@@ -176,6 +192,10 @@ def main() -> None:
             "transformers": transformers.__version__,
         },
         "settings": vars(args),
+        "posterior": {
+            "refinement_steps": model.config.posterior_refinement_steps,
+            "refinement_step_size": model.config.posterior_refinement_step_size,
+        },
         "heldout_prompts": len(heldout_pool),
         "one_time": {"latent_cache_seconds": cache_seconds, "latent_cache_sequences": cache.encoder_sequences},
         "users": users,
@@ -203,7 +223,14 @@ def render_table(results: dict) -> str:
         f"(top-k 50, {settings['max_new_tokens']} new tokens), every user and the neutral model decoded in the same "
         f"batches ({results['generation']['rows_per_batch']} rows, one preference id per row). Reward gain = aligned "
         "mean - neutral mean, with the standard error of that difference. Perplexity: the base model's, on the "
-        "generated responses.",
+        "generated responses. Posterior of the backbone: "
+        + (
+            f"encoder + {results['posterior']['refinement_steps']} refinement step(s) of length "
+            f"{results['posterior']['refinement_step_size']}."
+            if results["posterior"]["refinement_steps"]
+            else "encoder alone."
+        )
+        + f" Latent DPO: {settings['epochs']} epochs, lr {settings['learning_rate']}, beta {settings['beta']}.",
         "",
         "| user | pairs | train loop (s) | artefact | reward aligned | reward neutral | gain +- se | "
         "perplexity aligned / neutral |",
@@ -218,12 +245,17 @@ def render_table(results: dict) -> str:
             f"{ev['perplexity_aligned']:.2f} / {ev['perplexity_neutral']:.2f} ({100 * (ev['perplexity_ratio'] - 1):+.1f}%) |"
         )
     one_time = results["one_time"]
-    lines += [
-        "",
-        f"One-time cost, shared by all users: encoding the training pool ({one_time['latent_cache_sequences']} prompts "
-        f"and responses) took {one_time['latent_cache_seconds']:.1f} s. Per-user training never runs the LM.",
-        "",
-    ]
+    if one_time["latent_cache_sequences"]:
+        cache_line = (
+            f"One-time cost, shared by all users: encoding the training pool ({one_time['latent_cache_sequences']} "
+            f"prompts and responses) took {one_time['latent_cache_seconds']:.1f} s."
+        )
+    else:
+        cache_line = (
+            f"The training pool's latents came from the cache on disk ({results['settings']['cache_dir']}), built by an "
+            "earlier run; that one-time cost is in docs/latent_dpo.md."
+        )
+    lines += ["", cache_line + " Per-user training never runs the LM.", ""]
     return "\n".join(lines)
 
 

@@ -42,6 +42,15 @@ class PrefAlignConfig(PreTrainedConfig):
             a negative value (e.g. -4) starts CLaP with near-deterministic latents, so the NLL and contrastive
             gradients reach the encoder through z rather than through prior noise; the aggregated-posterior KL then
             spreads a prompt's latents over the prior. The prior of a user (`PreferenceEmbedding`) is always N(0, I).
+        posterior_refinement_steps (`int`, *optional*, defaults to 0):
+            Semi-amortised inference (Kim et al., 2018): after the encoder, move the posterior mean this many times by
+            `posterior_refinement_step_size` along the normalised gradient of log p(y|x,z) with respect to z. Each
+            step runs the base LM forward and backward once per response, so encoding costs about one LM training
+            pass per step; it needs the response (`response_mask`). 0 is the paper's encoder alone. Measured on
+            SmolLM2-135M (docs/clap.md): one step of length 3 lifts held-out contrastive accuracy from 0.22 to 1.0.
+        posterior_refinement_step_size (`float`, *optional*, defaults to 3.0):
+            Length of each refinement step, in units of z (a prior sample has norm ~sqrt(latent_dim)). The gradient is
+            normalised because its norm grows with the response's length.
         gradient_skip_path (`bool`, *optional*, defaults to `False`):
             Add a gradient-only path z -> final hidden state (zero in the forward pass) that helps the encoder learn
             while the base LM is frozen. Active only in training mode.
@@ -77,6 +86,8 @@ class PrefAlignConfig(PreTrainedConfig):
     num_encoder_queries: int = 4
     adapter_init_std: float = 0.02
     posterior_init_logvar: float = 0.0
+    posterior_refinement_steps: int = 0
+    posterior_refinement_step_size: float = 3.0
     gradient_skip_path: bool = False
     training_summary: dict | None = None
     base_included: bool = False
@@ -87,6 +98,13 @@ class PrefAlignConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        steps = self.posterior_refinement_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"`posterior_refinement_steps` must be a non-negative integer, got {steps!r}.")
+        if not self.posterior_refinement_step_size > 0:
+            raise ValueError(
+                f"`posterior_refinement_step_size` must be positive, got {self.posterior_refinement_step_size!r}."
+            )
         if self.text_config is not None:
             base_layers = self.text_config.num_hidden_layers
             if self.num_encoder_layers > base_layers:

@@ -33,7 +33,7 @@ class QuickstartConfig:
     Args:
         output_dir (`str`, *optional*, defaults to `"prefalign-quickstart"`): where pool, backbone and users are saved.
         fast (`bool`, *optional*, defaults to `False`): a smaller run (under 5 minutes on 2 cores) to see it work.
-        users (`list[str]`, *optional*, defaults to `["positive", "negative"]`): two scorers that define the users.
+        users (`list[str]`, *optional*, defaults to `["concise", "detailed"]`): two scorers that define the users.
         num_prompts (`int`, *optional*): bundled prompts used (the last `num_heldout` are held out); default 96
             (fast: 36).
         num_heldout (`int`, *optional*, defaults to 4): held-out prompts shown side by side.
@@ -46,7 +46,7 @@ class QuickstartConfig:
     output_dir: str = field(default="prefalign-quickstart", metadata={"help": "Where everything is saved."})
     fast: bool = field(default=False, metadata={"help": "A smaller run (under 5 minutes on 2 cores)."})
     users: list[str] = field(
-        default_factory=lambda: ["positive", "negative"], metadata={"help": "Two scorers defining the users."}
+        default_factory=lambda: ["concise", "detailed"], metadata={"help": "Two scorers defining the users."}
     )
     num_prompts: int | None = field(default=None, metadata={"help": "Bundled prompts used (default 96, fast 36)."})
     num_heldout: int = field(default=4, metadata={"help": "Held-out prompts shown side by side."})
@@ -147,7 +147,7 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
         echo(f"[2/4] CLaP: training the backbone on {len(pool)} prompts")
         if base is None:
             base, tokenizer = load_default_base()
-        # The recipe of the best CLaP run so far (docs/clap.md, run 7).
+        # The recipe of the best CLaP run so far (docs/clap.md, run 7), encoding with a refined posterior.
         model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer, posterior_init_logvar=-4.0)
         args = CLaPConfig(
             output_dir=str(output / "clap-trainer"),
@@ -165,6 +165,8 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
         start = time.perf_counter()
         trainer = CLaPTrainer(model=model, args=args, train_dataset=pool, processing_class=tokenizer)
         trainer.train()
+        # The backbone encodes users' responses with one refinement step (docs/clap.md, posterior refinement).
+        model.config.posterior_refinement_steps = 1
         model.save_pretrained(backbone_dir)
         tokenizer.save_pretrained(backbone_dir)
         shutil.rmtree(output / "clap-trainer", ignore_errors=True)
@@ -183,6 +185,7 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
             echo(f"[3/4] user '{name}': Latent DPO on {len(pairs)} preference pairs")
             args = LatentDPOConfig(
                 output_dir=str(output / "users" / name),
+                beta=0.3,  # preference strength vs fluency, measured in docs/latent_dpo.md
                 latent_cache_dir="none",
                 seed=config.seed,
                 use_cpu=not torch.cuda.is_available(),

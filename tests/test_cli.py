@@ -106,11 +106,15 @@ def test_pool_clap_align_generate_on_a_tiny_model(tiny_base_dir, tmp_path, capsy
                 str(tiny_base_dir),
                 "--contrastive_num_negatives",
                 "1",
+                "--posterior_refinement_steps",
+                "1",
             ]
         )
         == 0
     )
     assert (tmp_path / "backbone" / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "backbone" / "config.json").read_text())
+    assert saved["posterior_refinement_steps"] == 1  # `align` below encodes with the refined posterior
 
     assert (
         main(

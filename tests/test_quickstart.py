@@ -26,11 +26,13 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "[neutral]" in out and "[positive]" in out and "[negative]" in out
+    assert "[neutral]" in out and "[concise]" in out and "[detailed]" in out
     assert "mean reward of each user's scorer" in out
     state = json.loads((tmp_path / "run" / "quickstart.json").read_text())
+    backbone = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
+    assert backbone["posterior_refinement_steps"] == 1
     assert set(state["stages"]) == {"pool", "clap", "users", "generate"}
-    for folder in ("pool", "backbone", "users/positive", "users/negative"):
+    for folder in ("pool", "backbone", "users/concise", "users/detailed"):
         assert (tmp_path / "run" / folder).is_dir()
 
     assert main(argv) == 0  # a rerun skips the finished stages

@@ -64,6 +64,11 @@ class ClapArguments:
     pool: str = field(metadata={"help": "A response pool folder (from `hf-prefalign pool`)."})
     model: str = field(default="embedded", metadata={"help": "'embedded' or a base causal LM path/id."})
     eval_fraction: float = field(default=0.0, metadata={"help": "Fraction of the pool's prompts held out for eval."})
+    posterior_refinement_steps: int = field(
+        default=0,
+        metadata={"help": "Gradient steps on the posterior mean when the trained backbone encodes (PrefAlignConfig)."},
+    )
+    posterior_refinement_step_size: float = field(default=3.0, metadata={"help": "Length of each refinement step."})
 
 
 @dataclass
@@ -241,6 +246,9 @@ def _clap(argv: list[str]) -> int:
         model=model, args=config, train_dataset=pool, eval_dataset=eval_pool, processing_class=tokenizer
     )
     trainer.train()
+    # Refinement is how the trained backbone encodes (caches, evaluation), as measured in docs/clap.md.
+    model.config.posterior_refinement_steps = args.posterior_refinement_steps
+    model.config.posterior_refinement_step_size = args.posterior_refinement_step_size
     if eval_pool is not None:
         trainer.evaluate()
     trainer.save_model(config.output_dir)

@@ -48,6 +48,7 @@ from .adapter import LatentAdapter
 from .architectures import get_decoder_layout
 from .distributions import DiagonalGaussian
 from .encoder import LatentEncoder
+from .likelihood import positions_to_score, sequence_log_likelihood
 
 
 if TYPE_CHECKING:
@@ -76,7 +77,11 @@ _LATENT_OPTIONS = (
     "num_encoder_queries",
     "adapter_init_std",
     "posterior_init_logvar",
+    "posterior_refinement_steps",
+    "posterior_refinement_step_size",
 )
+# Options of how a trained backbone encodes; `from_pretrained` accepts them as overrides.
+_INFERENCE_OPTIONS = ("posterior_refinement_steps", "posterior_refinement_step_size")
 
 
 def _check_base_matches(expected: Any, found: Any, where: str) -> None:
@@ -331,6 +336,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         response_mask: torch.Tensor | None = None,
+        refinement_steps: int | None = None,
     ) -> DiagonalGaussian:
         """q(z | x, y) for token sequences (prompt + response, or a prompt alone).
 
@@ -340,13 +346,56 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             response_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for the response's tokens (EOS included),
                 which the encoder's queries read (CLaP trains them so, and [`LatentCache`] encodes so). `None`: the
                 queries read every token.
+            refinement_steps (`int`, *optional*): gradient steps on the posterior mean (defaults to
+                `config.posterior_refinement_steps`; see [`PrefAlignConfig`]). They need `response_mask`.
 
         Returns:
             [`DiagonalGaussian`] with `mean` and `logvar` of shape `(B, Z)`, in fp32.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.latent_encoder(self.get_input_embeddings()(input_ids), attention_mask, response_mask)
+        posterior = self.latent_encoder(self.get_input_embeddings()(input_ids), attention_mask, response_mask)
+        steps = self.config.posterior_refinement_steps if refinement_steps is None else refinement_steps
+        if steps > 0:
+            if response_mask is None:
+                raise ValueError("Posterior refinement scores the response: pass `response_mask`.")
+            posterior = self._refine_posterior(posterior, input_ids, attention_mask, response_mask, steps)
+        return posterior
+
+    def _refine_posterior(
+        self,
+        posterior: DiagonalGaussian,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        steps: int,
+    ) -> DiagonalGaussian:
+        """Move the posterior mean by fixed-length steps along grad_z log p(y | x, z) (semi-amortised inference).
+
+        The step direction is a constant for autograd: gradients of a loss on the refined mean reach the encoder
+        through the amortised mean (identity Jacobian) and never differentiate through the LM twice. Only the
+        gradient with respect to z is computed, so no parameter's `.grad` changes. The log-variance is the encoder's.
+        """
+        labels = input_ids.masked_fill(~(response_mask.bool() & attention_mask.bool()), -100)  # (B, T)
+        keep = positions_to_score(labels)
+        labels = labels[:, -keep:]
+        step_size = self.config.posterior_refinement_step_size
+        mean = posterior.mean  # (B, Z)
+        for _ in range(steps):
+            with torch.enable_grad():
+                latents = mean.detach().requires_grad_(True)
+                logits = self(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    latents=latents,
+                    use_cache=False,
+                    logits_to_keep=keep,
+                ).logits  # (B, keep, V)
+                log_likelihood, _ = sequence_log_likelihood(logits, labels)  # (B,)
+                (gradient,) = torch.autograd.grad(log_likelihood.sum(), latents)  # rows are independent
+            direction = gradient / gradient.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # (B, Z)
+            mean = mean + step_size * direction
+        return DiagonalGaussian(mean, posterior.logvar)
 
     def encode_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder's query outputs `(B, Q, hidden)` for `(B, T)` tokens (used to feed per-user priors)."""
@@ -373,6 +422,11 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         digest = hashlib.sha256()
         identity = {field: getattr(self.config.text_config, field, None) for field in _BASE_IDENTITY_FIELDS}
         identity["base_model_name_or_path"] = self.config.base_model_name_or_path
+        if self.config.posterior_refinement_steps > 0:  # another posterior, another latent space for users
+            identity["posterior_refinement"] = [
+                self.config.posterior_refinement_steps,
+                self.config.posterior_refinement_step_size,
+            ]
         digest.update(json.dumps(identity, sort_keys=True).encode())
         for name, tensor in sorted(self.latent_state_dict().items()):
             if name.startswith("latent_adapter.skip"):
@@ -781,7 +835,10 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             dtype (`torch.dtype` or `str`, *optional*): dtype of the loaded model.
             is_trainable (`bool`, *optional*, defaults to `False`):
                 Load in training mode. A frozen-base checkpoint keeps its base frozen either way.
+            posterior_refinement_steps, posterior_refinement_step_size (*optional*):
+                Override how the loaded backbone encodes responses (see [`PrefAlignConfig`]).
         """
+        overrides = {name: kwargs.pop(name) for name in _INFERENCE_OPTIONS if name in kwargs}
         torch_dtype = kwargs.pop("torch_dtype", None)  # the pre-5.0 name of `dtype`
         dtype = dtype if dtype is not None else torch_dtype
         for hub_only in ("force_download", "proxies", "subfolder", "_commit_hash", "_from_auto", "trust_remote_code"):
@@ -799,6 +856,8 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         )
         if config is None:
             config = _load_config(directory)
+        if overrides:
+            config = PrefAlignConfig.from_dict({**config.to_dict(), **overrides})  # validates the new values
 
         if base_model is None:
             if config.base_included:

@@ -7,24 +7,7 @@ import math
 import torch
 
 from ..modeling.distributions import DiagonalGaussian
-
-
-def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-likelihood of each sequence's labelled tokens, in fp32.
-
-    Args:
-        logits (`torch.Tensor` of shape `(N, T, V)`): next-token logits.
-        labels (`torch.Tensor` of shape `(N, T)`): targets, -100 where not scored (prompt, padding).
-
-    Returns:
-        `(log_likelihood, num_tokens)`, both of shape `(N,)`.
-    """
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t+1
-    scored = targets != -100
-    log_probs = torch.log_softmax(logits, dim=-1)  # (N, T-1, V)
-    token_ll = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N, T-1)
-    token_ll = token_ll * scored
-    return token_ll.sum(-1), scored.sum(-1)
+from ..modeling.likelihood import sequence_log_likelihood
 
 
 def aggregate_posterior_kl(

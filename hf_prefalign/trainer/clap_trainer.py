@@ -17,6 +17,7 @@ from ..data.collators import DataCollatorForResponseGroups
 from ..data.pools import PROMPT_COLUMN, RESPONSES_COLUMN, as_response_pool
 from ..data.prompts import tokenize_prompt
 from ..loading import load_default_base
+from ..modeling.likelihood import positions_to_score
 from ..modeling.modeling_prefalign import PrefAlignForCausalLM
 from ..utils.constants import BASE_MODEL_SUBFOLDER, EMBEDDED_DEFAULT_BASE, WEIGHTS_NAME
 from ..utils.serialization import load_tensors
@@ -364,12 +365,7 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
             }
         return metrics
 
-    @staticmethod
-    def _positions_to_score(labels: torch.Tensor) -> int:
-        """How many trailing positions hold every prediction of a labelled token (from the first response token - 1)."""
-        labelled = (labels != -100).any(0).nonzero()
-        first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
-        return labels.shape[1] - max(first - 1, 0)
+    _positions_to_score = staticmethod(positions_to_score)
 
     def prediction_step(
         self,
