@@ -111,7 +111,10 @@ def main() -> None:
     parser.add_argument("--posterior-refinement-step-size", type=float, default=3.0)
     parser.add_argument("--backbone", default=None, help="evaluate this trained backbone instead of training one")
     parser.add_argument(
-        "--temperature", type=float, default=0.7, help="sampling temperature of the distinct-n check (1.0 saturates it)"
+        "--temperature",
+        type=float,
+        default=0.7,
+        help="sampling temperature of the distinct-n check (1.0 saturates it)",
     )
     parser.add_argument("--num-latents", type=int, default=4, help="z per held-out prompt for the distinct-n check")
     parser.add_argument("--seed", type=int, default=0)
