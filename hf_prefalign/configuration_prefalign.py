@@ -9,6 +9,9 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+ENCODER_TYPES = ("hidden_states", "blocks")
+ADAPTER_TYPES = ("residual", "prefix")
+
 
 class PrefAlignConfig(PreTrainedConfig):
     r"""
@@ -17,6 +20,12 @@ class PrefAlignConfig(PreTrainedConfig):
     The backbone is a conditional VAE around any causal LM: a latent encoder q(z|x,y) reads a prompt and response and
     returns a diagonal Gaussian over a small latent z; a latent adapter turns z into a few key/value slots prepended to
     every attention layer of the (usually frozen) base LM.
+
+    Two designs of each part are available. The defaults read the base's own mid-layer residual stream
+    (`encoder_type="hidden_states"`) and act there (`adapter_type="residual"`): z is a point in the space where
+    steering vectors live, and z = 0 adds nothing, so the neutral model is the base model. The paper's design, a
+    small transformer over token embeddings and a key/value prefix in every layer, is `encoder_type="blocks"`,
+    `adapter_type="prefix"`.
 
     Args:
         text_config (`dict` or `PreTrainedConfig`, *optional*):
@@ -29,12 +38,24 @@ class PrefAlignConfig(PreTrainedConfig):
             Hub revision of the base LM.
         latent_dim (`int`, *optional*, defaults to 32):
             Size of the latent variable z.
+        encoder_type (`str`, *optional*, defaults to `"hidden_states"`):
+            `"hidden_states"`: a linear head over the mean residual stream of the response at `encoder_layer`, read
+            from one no-grad pass of the base ([`HiddenStateEncoder`]); `"blocks"`: the paper's encoder, blocks
+            copied from the base's first layers reading token embeddings and learned queries ([`LatentEncoder`]).
+        encoder_layer (`int`, *optional*):
+            Decoder layer whose input the hidden-state encoder reads; defaults to the middle layer.
+        adapter_type (`str`, *optional*, defaults to `"residual"`):
+            `"residual"`: z adds `W_l z` to the residual stream entering each of `steering_layers` (no bias: z = 0 is
+            the base model exactly); `"prefix"`: the paper's key/value prefix of `num_prefix_slots` slots per layer.
+        steering_layers (`list[int]`, *optional*):
+            Decoder layers the residual adapter acts on; defaults to `[encoder_layer]`, so encoder and adapter share
+            one space.
         num_prefix_slots (`int`, *optional*, defaults to 4):
-            Key/value slots per attention layer produced by the latent adapter.
+            Key/value slots per attention layer produced by the prefix adapter.
         num_encoder_layers (`int`, *optional*, defaults to 2):
-            Transformer blocks of the latent encoder, initialised from the base LM's first blocks.
+            Transformer blocks of the `"blocks"` encoder, initialised from the base LM's first blocks.
         num_encoder_queries (`int`, *optional*, defaults to 4):
-            Learned query vectors appended to the encoder's input; their outputs parameterise q(z|x,y).
+            Learned query vectors of the `"blocks"` encoder; their outputs parameterise q(z|x,y).
         adapter_init_std (`float`, *optional*, defaults to 0.02):
             Standard deviation of the latent adapter's initial weights.
         posterior_init_logvar (`float`, *optional*, defaults to 0.0):
@@ -81,6 +102,10 @@ class PrefAlignConfig(PreTrainedConfig):
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     latent_dim: int = 32
+    encoder_type: str = "hidden_states"
+    encoder_layer: int | None = None
+    adapter_type: str = "residual"
+    steering_layers: list[int] | None = None
     num_prefix_slots: int = 4
     num_encoder_layers: int = 2
     num_encoder_queries: int = 4
@@ -105,13 +130,51 @@ class PrefAlignConfig(PreTrainedConfig):
             raise ValueError(
                 f"`posterior_refinement_step_size` must be positive, got {self.posterior_refinement_step_size!r}."
             )
+        if self.encoder_type not in ENCODER_TYPES:
+            raise ValueError(f"`encoder_type` must be one of {ENCODER_TYPES}, got {self.encoder_type!r}.")
+        if self.adapter_type not in ADAPTER_TYPES:
+            raise ValueError(f"`adapter_type` must be one of {ADAPTER_TYPES}, got {self.adapter_type!r}.")
+        if self.steering_layers is not None:
+            if isinstance(self.steering_layers, int) and not isinstance(self.steering_layers, bool):
+                self.steering_layers = [self.steering_layers]
+            if not self.steering_layers or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.steering_layers
+            ):
+                raise ValueError(
+                    f"`steering_layers` must be a non-empty list of layer indices, got {self.steering_layers!r}."
+                )
+            self.steering_layers = list(self.steering_layers)
         if self.text_config is not None:
             base_layers = self.text_config.num_hidden_layers
-            if self.num_encoder_layers > base_layers:
+            for name, layers in (
+                ("encoder_layer", [self.resolved_encoder_layer]),
+                ("steering_layers", self.resolved_steering_layers),
+            ):
+                bad = [i for i in layers if not isinstance(i, int) or isinstance(i, bool) or not 0 < i < base_layers]
+                if bad:
+                    raise ValueError(
+                        f"`{name}` must name decoder layers between 1 and {base_layers - 1} (the base has "
+                        f"{base_layers} layers), got {getattr(self, name)!r}."
+                    )
+            if len(set(self.resolved_steering_layers)) != len(self.resolved_steering_layers):
+                raise ValueError(f"`steering_layers` lists a layer twice: {self.steering_layers!r}.")
+            if self.encoder_type == "blocks" and self.num_encoder_layers > base_layers:
                 raise ValueError(
                     f"`num_encoder_layers={self.num_encoder_layers}` exceeds the base model's "
                     f"num_hidden_layers={base_layers}: the encoder is initialised from the base's first blocks."
                 )
 
+    @property
+    def resolved_encoder_layer(self) -> int:
+        """The decoder layer whose input the hidden-state encoder reads (the base's middle layer by default)."""
+        if self.encoder_layer is not None:
+            return self.encoder_layer
+        return max(1, self.text_config.num_hidden_layers // 2)
 
-__all__ = ["PrefAlignConfig"]
+    @property
+    def resolved_steering_layers(self) -> list[int]:
+        """The decoder layers the residual adapter acts on (`[encoder_layer]` by default)."""
+        return list(self.steering_layers) if self.steering_layers is not None else [self.resolved_encoder_layer]
+
+
+__all__ = ["ADAPTER_TYPES", "ENCODER_TYPES", "PrefAlignConfig"]

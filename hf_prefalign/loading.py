@@ -17,6 +17,7 @@ from .utils.constants import (
     EMBEDDED_DEFAULT_INSTALL,
     EMBEDDED_DEFAULT_PACKAGE,
 )
+from .utils.precision import resolve_dtype
 from .utils.serialization import atomic_directory, write_json_atomic
 
 
@@ -81,7 +82,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def load_default_base(
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the embedded default base model, SmolLM2-135M-Instruct, offline.
 
@@ -90,7 +91,8 @@ def load_default_base(
     [`default_cache_dir`]; later calls load that copy.
 
     Args:
-        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the returned model.
+        dtype (`torch.dtype` or `str`, *optional*, defaults to `torch.float32`): dtype of the returned model;
+            `"auto"` is bf16 where the CPU/GPU computes it natively, else fp32 (see `utils/precision.py`).
 
     Returns:
         `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model (in eval mode) and its tokenizer. The model's
@@ -104,7 +106,7 @@ def load_default_base(
         _convert_gguf(gguf, target)
         logger.info(f"Converted the embedded default model in {time.perf_counter() - start:.1f}s.")
     tokenizer = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=resolve_dtype(dtype))
     model.name_or_path = EMBEDDED_DEFAULT_BASE
     model.config._name_or_path = EMBEDDED_DEFAULT_BASE
     tokenizer.name_or_path = EMBEDDED_DEFAULT_BASE
@@ -126,6 +128,8 @@ def load_base_model(
     if name_or_path == EMBEDDED_DEFAULT_BASE:
         model, _ = load_default_base(dtype=dtype or torch.float32)
         return model
+    if dtype != "auto":  # transformers' own "auto" is the checkpoint's dtype
+        dtype = resolve_dtype(dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype, **hub_kwargs)
     except ValueError as err:

@@ -80,9 +80,18 @@ def base(family: str) -> PreTrainedModel:
     return make_tiny_base(family)
 
 
+# The paper's design (token-embedding encoder blocks, key/value prefix), kept as an option beside the defaults.
+PAPER_DESIGN = {"encoder_type": "blocks", "adapter_type": "prefix"}
+
+
 @pytest.fixture
 def backbone(base: PreTrainedModel) -> PrefAlignForCausalLM:
     return PrefAlignForCausalLM.from_base(base, latent_dim=LATENT_DIM).eval()
+
+
+@pytest.fixture
+def paper_backbone(base: PreTrainedModel) -> PrefAlignForCausalLM:
+    return PrefAlignForCausalLM.from_base(base, latent_dim=LATENT_DIM, **PAPER_DESIGN).eval()
 
 
 def left_padded_batch(lengths: list[int], pad_id: int = 0, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

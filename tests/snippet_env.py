@@ -70,9 +70,9 @@ def make_english_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_default_base(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def tiny_default_base(dtype: torch.dtype | str = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """What the patched `load_default_base()` returns: the same tiny Llama at every call, named like the default."""
-    model = make_tiny_base("llama").to(dtype)
+    model = make_tiny_base("llama").to(torch.float32 if dtype == "auto" else dtype)  # stand-ins stay fp32
     model.name_or_path = EMBEDDED_DEFAULT_BASE
     model.config._name_or_path = EMBEDDED_DEFAULT_BASE
     tokenizer = make_english_tokenizer()

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import LATENT_DIM, make_tiny_base, make_tiny_pool, make_tiny_tokenizer
+from conftest import LATENT_DIM, PAPER_DESIGN, make_tiny_base, make_tiny_pool, make_tiny_tokenizer
 from datasets import Dataset
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
@@ -33,7 +33,9 @@ LATENT_PREFIXES = ("latent_encoder.", "latent_adapter.")
 # Helpers
 # ----------------------------------------------------------------------
 def _backbone(family: str = "llama") -> PrefAlignForCausalLM:
-    return PrefAlignForCausalLM.from_base(make_tiny_base(family), latent_dim=LATENT_DIM)
+    # The trainer's mechanics on the paper's design (every loss term reaches encoder blocks, queries and prefix);
+    # the default design's CLaP (PCA start, residual adapter) is tested in test_preference_space.py.
+    return PrefAlignForCausalLM.from_base(make_tiny_base(family), latent_dim=LATENT_DIM, **PAPER_DESIGN)
 
 
 def _config(tmp_path, **overrides) -> CLaPConfig:

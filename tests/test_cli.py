@@ -80,7 +80,7 @@ def test_pool_clap_align_generate_on_a_tiny_model(tiny_base_dir, tmp_path, capsy
                 "--num_responses",
                 "4",
                 "--max_new_tokens",
-                "4",
+                "12",
                 "--batch_size",
                 "2",
             ]

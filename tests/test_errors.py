@@ -47,7 +47,7 @@ def test_non_positive_sizes(option, value):
 
 def test_more_encoder_layers_than_the_base_has():
     with pytest.raises(ValueError, match="num_encoder_layers=5"):
-        PrefAlignForCausalLM.from_base(make_tiny_base("llama"), num_encoder_layers=5)
+        PrefAlignForCausalLM.from_base(make_tiny_base("llama"), num_encoder_layers=5, encoder_type="blocks")
 
 
 def test_unknown_latent_option():
@@ -114,7 +114,10 @@ def test_sliding_window_base_is_rejected_and_full_attention_accepted():
         sliding_window=16,
     )
     with pytest.raises(ValueError, match="sliding-window"):
-        PrefAlignForCausalLM.from_base(MistralForCausalLM(config))
+        PrefAlignForCausalLM.from_base(MistralForCausalLM(config), adapter_type="prefix")
+    # The residual adapter puts nothing in the cache that a window could evict.
+    steered = PrefAlignForCausalLM.from_base(MistralForCausalLM(config), latent_dim=LATENT_DIM)
+    assert steered(torch.randint(3, VOCAB, (1, 4)), latents=torch.randn(1, LATENT_DIM)).logits.shape == (1, 4, VOCAB)
     config.sliding_window = None
     model = PrefAlignForCausalLM.from_base(MistralForCausalLM(config), latent_dim=LATENT_DIM)
     assert model(torch.randint(3, VOCAB, (1, 4))).logits.shape == (1, 4, VOCAB)

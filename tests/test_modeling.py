@@ -38,7 +38,8 @@ def test_wrapping_leaves_the_base_untouched(family):
     torch.testing.assert_close(logits, reference, rtol=0, atol=0)
 
 
-def test_encoder_starts_from_the_base_first_blocks(backbone):
+def test_encoder_starts_from_the_base_first_blocks(paper_backbone):
+    backbone = paper_backbone
     base_blocks = backbone.get_base_model().base_model.state_dict()
     encoder_blocks = backbone.latent_encoder.blocks.state_dict()
     layer_keys = [name for name in encoder_blocks if ".0." in name or ".1." in name]
@@ -56,7 +57,8 @@ def test_different_latents_give_different_logits(backbone):
     assert (a - b).abs().max() > 1e-4
 
 
-def test_prefix_respects_grouped_query_attention(backbone):
+def test_prefix_respects_grouped_query_attention(paper_backbone):
+    backbone = paper_backbone
     text_config = backbone.config.text_config
     cache = backbone.build_prefix_cache(torch.randn(3, LATENT_DIM))
     kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
@@ -75,8 +77,13 @@ def test_full_forward_equals_step_by_step_decoding(backbone):
         prefill = backbone(input_ids[:, :3], attention_mask=attention_mask[:, :3], latents=latents, use_cache=True)
         steps, cache = [prefill.logits], prefill.cache
         for t in range(3, input_ids.shape[1]):
+            # The residual adapter acts at every step, so z comes with each call (the prefix ignores it once cached).
             out = backbone(
-                input_ids[:, t : t + 1], attention_mask=attention_mask[:, : t + 1], cache=cache, use_cache=True
+                input_ids[:, t : t + 1],
+                attention_mask=attention_mask[:, : t + 1],
+                cache=cache,
+                use_cache=True,
+                latents=latents,
             )
             steps.append(out.logits)
             cache = out.cache
@@ -151,7 +158,8 @@ def test_loss_is_mean_nll_over_labelled_tokens(backbone):
     torch.testing.assert_close(out.loss, expected)
 
 
-def test_encoder_shares_the_frozen_embedding_table(backbone):
+def test_encoder_shares_the_frozen_embedding_table(paper_backbone):
+    backbone = paper_backbone
     embedding = backbone.get_input_embeddings()
     for name, parameter in backbone.latent_encoder.named_parameters():
         assert parameter.data_ptr() != embedding.weight.data_ptr(), name
@@ -173,7 +181,8 @@ def test_encoder_shares_the_frozen_embedding_table(backbone):
     assert (before - after).abs().max() > 1e-4
 
 
-def test_base_stays_frozen_and_latent_modules_learn(backbone):
+def test_base_stays_frozen_and_latent_modules_learn(paper_backbone):
+    backbone = paper_backbone
     backbone.train()
     input_ids = torch.randint(3, VOCAB, (2, 6))
     posterior = backbone.posterior(input_ids)
@@ -210,7 +219,8 @@ def _trained_head(backbone: PrefAlignForCausalLM) -> PrefAlignForCausalLM:
     return backbone
 
 
-def test_posterior_reads_the_response_wherever_the_padding_is(backbone):
+def test_posterior_reads_the_response_wherever_the_padding_is(paper_backbone):
+    backbone = paper_backbone
     backbone = _trained_head(backbone)
     prompt, response = [5, 6, 7, 8], [9, 10, 2]
     alone = backbone.posterior(torch.tensor([prompt + response]), response_mask=torch.tensor([[0] * 4 + [1] * 3]))
@@ -239,7 +249,8 @@ def test_posterior_init_logvar_sets_the_untrained_variance(base):
     assert torch.equal(posterior.logvar, torch.full((1, LATENT_DIM), -4.0))
 
 
-def test_feature_mean_is_tracked_in_training_only(backbone):
+def test_feature_mean_is_tracked_in_training_only(paper_backbone):
+    backbone = paper_backbone
     encoder = backbone.latent_encoder
     input_ids, attention_mask = left_padded_batch([5, 3])
     backbone.eval()

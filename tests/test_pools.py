@@ -39,7 +39,7 @@ def test_pool_has_one_row_per_prompt_with_k_responses(llama, prompts_fn):
     prompts = prompts_fn()
     pool = build_response_pool(llama, make_tiny_tokenizer(), prompts, seed=0, **SAMPLING)
     assert len(pool) == len(prompts)
-    assert set(pool.column_names) == {"prompt", "topic", "responses"}
+    assert set(pool.column_names) == {"prompt", "topic", "responses", "instructions"}
     assert pool["prompt"] == prompts["prompt"], "prompts must stay in order and unchanged"
     assert pool["topic"] == prompts["topic"], "other columns must be kept"
     for responses in pool["responses"]:

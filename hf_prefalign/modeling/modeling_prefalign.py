@@ -38,6 +38,7 @@ from ..utils.constants import (
     README_NAME,
     WEIGHTS_NAME,
 )
+from ..utils.precision import resolve_dtype
 from ..utils.serialization import (
     atomic_directory,
     load_tensors,
@@ -48,7 +49,9 @@ from .adapter import LatentAdapter
 from .architectures import get_decoder_layout
 from .distributions import DiagonalGaussian
 from .encoder import LatentEncoder
+from .hidden_state_encoder import HiddenStateEncoder
 from .likelihood import positions_to_score, sequence_log_likelihood
+from .steering import ResidualLatentAdapter
 
 
 if TYPE_CHECKING:
@@ -72,6 +75,10 @@ _BASE_IDENTITY_FIELDS = (
 )
 _LATENT_OPTIONS = (
     "latent_dim",
+    "encoder_type",
+    "encoder_layer",
+    "adapter_type",
+    "steering_layers",
     "num_prefix_slots",
     "num_encoder_layers",
     "num_encoder_queries",
@@ -120,6 +127,17 @@ class PrefAlignPreTrainedModel(PreTrainedModel):
             init.copy_(module.to_gaussian.bias, bias)  # (skipped, like every init, for weights loaded from disk)
             init.zeros_(module.feature_mean)
             init.zeros_(module.feature_mean_updates)
+        elif isinstance(module, HiddenStateEncoder):
+            # Zero weights: an untrained encoder returns N(0, exp(posterior_init_logvar) I) for every response.
+            init.zeros_(module.to_gaussian.weight)
+            bias = torch.zeros_like(module.to_gaussian.bias)
+            bias[self.config.latent_dim :] = self.config.posterior_init_logvar
+            init.copy_(module.to_gaussian.bias, bias)
+            init.zeros_(module.feature_mean)
+            init.zeros_(module.prompt_feature_mean)
+            init.zeros_(module.feature_mean_updates)
+        elif isinstance(module, ResidualLatentAdapter):
+            init.normal_(module.weight, mean=0.0, std=self.config.adapter_init_std)
         elif isinstance(module, LatentAdapter):
             init.normal_(module.weight, mean=0.0, std=self.config.adapter_init_std)
             init.normal_(module.bias, mean=0.0, std=self.config.adapter_init_std)
@@ -128,14 +146,17 @@ class PrefAlignPreTrainedModel(PreTrainedModel):
 
 
 class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
-    """A causal LM conditioned on a latent z through a key/value prefix in every attention layer.
+    """A causal LM conditioned on a latent z that steers what it writes.
 
     Holds three parts: `language_model` (the base `*ForCausalLM`, usually frozen), `latent_encoder` (the posterior
-    q(z|x,y), reading the base's own token embeddings) and `latent_adapter` (z -> prefix). Build one around a
-    pretrained base with [`~PrefAlignForCausalLM.from_base`].
+    q(z|x,y)) and `latent_adapter` (how z acts on the base). By default the encoder reads the base's own mid-layer
+    residual stream and the adapter adds `W z` there ([`HiddenStateEncoder`], [`ResidualLatentAdapter`]), so z = 0
+    is the base model; the paper's token-embedding encoder and key/value prefix are `encoder_type="blocks"`,
+    `adapter_type="prefix"` (see [`PrefAlignConfig`]). Build one around a pretrained base with
+    [`~PrefAlignForCausalLM.from_base`].
 
-    Positions: real tokens get the positions the base would give them without a prefix (0, 1, ... after left
-    padding); the prefix slots are position-free. Training forward passes and `generate` use the same convention.
+    Positions: real tokens get the positions the base would give them (0, 1, ... after left padding); prefix slots,
+    when there are any, are position-free. Training forward passes and `generate` use the same convention.
     """
 
     def __init__(self, config: PrefAlignConfig, base_model: PreTrainedModel | None = None):
@@ -152,8 +173,14 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                 module._is_hf_initialized = True
         self.language_model = base_model
         self._check_cache_layers()
-        self.latent_encoder = LatentEncoder(config)
-        self.latent_adapter = LatentAdapter(config)
+        self.latent_encoder = (
+            HiddenStateEncoder(config) if config.encoder_type == "hidden_states" else LatentEncoder(config)
+        )
+        if config.adapter_type == "residual":
+            self.latent_adapter = ResidualLatentAdapter(config)
+            self.latent_adapter.attach(self.language_model, self.layout)
+        else:
+            self.latent_adapter = LatentAdapter(config)
         self._latent_enabled = True
         self.post_init()
         if base_model.generation_config is not None:
@@ -161,6 +188,11 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
 
     def enable_gradient_skip_path(self) -> None:
         """Add the gradient-only shortcut z -> final hidden state (see [`PrefAlignConfig.gradient_skip_path`])."""
+        if self.config.adapter_type != "prefix":
+            raise ValueError(
+                "The gradient skip path helps a key/value prefix learn; the residual adapter already acts on the "
+                "residual stream directly. Use it with `adapter_type='prefix'`."
+            )
         if self.latent_adapter.skip is not None:
             return
         self.config.gradient_skip_path = True
@@ -170,6 +202,8 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         adapter.skip = skip.to(device=adapter.weight.device, dtype=adapter.weight.dtype)
 
     def _check_cache_layers(self) -> None:
+        if self.config.adapter_type != "prefix":
+            return
         cache = DynamicCache(config=self.config.text_config)
         if any(cache.is_sliding):
             raise ValueError(
@@ -203,8 +237,9 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                 Freeze the base LM (the default CLaP recipe trains only the latent modules).
             revision (`str`, *optional*): Hub revision when loading by name.
             dtype (`torch.dtype` or `str`, *optional*): dtype when loading by name.
-            **latent_options: `latent_dim`, `num_prefix_slots`, `num_encoder_layers`, `num_encoder_queries`,
-                `adapter_init_std`, `posterior_init_logvar` (see [`PrefAlignConfig`]).
+            **latent_options: `latent_dim`, `encoder_type`, `encoder_layer`, `adapter_type`, `steering_layers`,
+                `num_prefix_slots`, `num_encoder_layers`, `num_encoder_queries`, `adapter_init_std`,
+                `posterior_init_logvar` (see [`PrefAlignConfig`]).
 
         Example:
 
@@ -244,8 +279,10 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             **latent_options,
         )
         model = cls(config, base_model=base)
-        model.latent_encoder.init_from_base(base)
-        model.latent_adapter.init_from_base(base, token_id=_sink_token_id(base.config))
+        if isinstance(model.latent_encoder, LatentEncoder):
+            model.latent_encoder.init_from_base(base)
+        if isinstance(model.latent_adapter, LatentAdapter):
+            model.latent_adapter.init_from_base(base, token_id=_sink_token_id(base.config))
         if freeze_base:
             model.freeze_base()
         if tokenizer is not None:
@@ -354,7 +391,14 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        posterior = self.latent_encoder(self.get_input_embeddings()(input_ids), attention_mask, response_mask)
+        if isinstance(self.latent_encoder, HiddenStateEncoder):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.is_base_frozen):
+                features = self.latent_encoder.response_features(
+                    self.language_model, self.layout, input_ids, attention_mask, response_mask
+                )
+            posterior = self.latent_encoder(features)
+        else:
+            posterior = self.latent_encoder(self.get_input_embeddings()(input_ids), attention_mask, response_mask)
         steps = self.config.posterior_refinement_steps if refinement_steps is None else refinement_steps
         if steps > 0:
             if response_mask is None:
@@ -398,9 +442,16 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         return DiagonalGaussian(mean, posterior.logvar)
 
     def encode_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The encoder's query outputs `(B, Q, hidden)` for `(B, T)` tokens (used to feed per-user priors)."""
+        """The encoder's raw features for `(B, T)` tokens: query outputs `(B, Q, hidden)` of the `"blocks"` encoder,
+        the mean residual stream at `encoder_layer` `(B, 1, hidden)` of the `"hidden_states"` one."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if isinstance(self.latent_encoder, HiddenStateEncoder):
+            with torch.no_grad():
+                features = self.latent_encoder.response_features(
+                    self.language_model, self.layout, input_ids, attention_mask, None
+                )
+            return features.unsqueeze(1)
         return self.latent_encoder.features(self.get_input_embeddings()(input_ids), attention_mask)
 
     def prompt_features(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -410,6 +461,12 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if isinstance(self.latent_encoder, HiddenStateEncoder):
+            with torch.no_grad():
+                features = self.latent_encoder.response_features(
+                    self.language_model, self.layout, input_ids, attention_mask, None
+                )
+            return self.latent_encoder.prompt_features(features)
         embeds = self.get_input_embeddings()(input_ids)
         features = self.latent_encoder.normalized_features(embeds, attention_mask)  # (B, Q, hidden)
         return features.mean(dim=1).float()
@@ -481,8 +538,13 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         preference_id: str | Sequence[str | None] | None,
         sample: bool = False,
         temperature: float = 1.0,
+        strength: float = 1.0,
     ) -> torch.Tensor:
-        """z per row for `preference_id` (one id for the batch or one per row; `None` is the neutral z = 0)."""
+        """z per row for `preference_id` (one id for the batch or one per row; `None` is the neutral z = 0).
+
+        `strength` scales each user's departure from the neutral prior mean z = 0: 0 is neutral, 1 as trained.
+        """
+        strength = _check_strength(strength)
         batch = input_ids.shape[0]
         ids = (
             [preference_id] * batch if preference_id is None or isinstance(preference_id, str) else list(preference_id)
@@ -495,10 +557,12 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         if all(pid is None for pid in ids):
             return torch.zeros(batch, self.config.latent_dim, device=input_ids.device)
         features = self.prompt_features(input_ids, attention_mask)  # (B, hidden)
-        return self.preferences.latents(ids, features, sample=sample, temperature=temperature)
+        return strength * self.preferences.latents(ids, features, sample=sample, temperature=temperature)
 
     def build_prefix_cache(self, latents: torch.Tensor) -> DynamicCache:
         """A fresh cache whose every layer holds the `(B, H_kv, P, D)` prefix for `latents` `(B, Z)`."""
+        if self.config.adapter_type != "prefix":
+            raise ValueError("`build_prefix_cache` needs `adapter_type='prefix'`; the residual adapter has no prefix.")
         cache = DynamicCache(config=self.config.text_config)
         return self.latent_adapter(latents, self.language_model, self.layout, cache)
 
@@ -578,6 +642,36 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         device = tokens.device
         if use_cache is None:
             use_cache = not self.training and getattr(self.config.text_config, "use_cache", True)
+        if self.config.adapter_type == "residual":
+            # z acts at every position of every pass (prompt, then each decoding step), so it is passed each time.
+            z = self._resolve_latents(latents, batch_size, device)
+            past = cache.get_seq_length() if cache is not None else 0
+            if attention_mask is not None and attention_mask.shape != (batch_size, past + length):
+                raise ValueError(
+                    f"`attention_mask` must cover the {past} cached and {length} new tokens "
+                    f"(shape ({batch_size}, {past + length})), got {tuple(attention_mask.shape)}."
+                )
+            if position_ids is None and attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]  # (B, T)
+            with self.latent_adapter.steer(z):
+                outputs = self.language_model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    inputs_embeds=inputs_embeds,
+                    labels=labels,
+                    use_cache=use_cache,
+                    logits_to_keep=logits_to_keep,
+                    **kwargs,
+                )
+            return CausalLMOutputWithPast(
+                loss=outputs.loss,
+                logits=outputs.logits,
+                cache=outputs.cache if use_cache else None,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+            )
 
         num_prefix = self.config.num_prefix_slots
         if cache is None:
@@ -653,6 +747,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         preference_id: str | Sequence[str | None] | None = None,
         preference_sampling: str = "mean",
         preference_temperature: float = 1.0,
+        preference_strength: float = 1.0,
         **kwargs: Any,
     ):
         """`GenerationMixin.generate`, decoding row i under its own latent z.
@@ -664,6 +759,8 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                 mean of each user's prior p_user(z|x) for the row's prompt. Exclusive with `latents`.
             preference_sampling (`str`, *optional*, defaults to `"mean"`): `"mean"` or `"sample"` from the prior.
             preference_temperature (`float`, *optional*, defaults to 1.0): scales the prior's std when sampling.
+            preference_strength (`float`, *optional*, defaults to 1.0): scales each user's z, its departure from the
+                neutral z = 0: 0 is the neutral (base) model, 1 the user as trained, above 1 stronger.
             **kwargs: everything `transformers`' `generate` accepts.
 
         With neither `latents` nor `preference_id`, z = 0: the neutral model (the N(0, I) prior's mean).
@@ -686,6 +783,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                 preference_id,
                 sample=preference_sampling == "sample",
                 temperature=preference_temperature,
+                strength=preference_strength,
             )
         if tokens is not None:
             # Normalise to (B, Z) here: generate's own expansion for num_return_sequences / beams assumes it.
@@ -887,14 +985,27 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         model = cls(config, base_model=base_model)
         model.name_or_path = str(pretrained_model_name_or_path)  # what later artefacts record as their backbone
         model.load_latent_weights(directory / WEIGHTS_NAME)
-        if dtype is not None:
-            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        base_dtype = resolve_dtype(dtype) if dtype not in (None, "auto") else None
+        if base_dtype is not None:
+            # The base runs in `dtype`; the latent modules keep fp32, where their log-densities are computed.
+            model.language_model.to(base_dtype)
         if not config.base_included:
             model.freeze_base()
         if (directory / GENERATION_CONFIG_NAME).is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
         model.train(is_trainable)
         return model
+
+
+def _check_strength(strength: float) -> float:
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, (int, float))
+        or not strength >= 0
+        or strength == float("inf")
+    ):
+        raise ValueError(f"`preference_strength` must be a finite number >= 0, got {strength!r}.")
+    return float(strength)
 
 
 def _sink_token_id(text_config: Any) -> int:

@@ -40,16 +40,30 @@ class CLaPConfig(TrainingArguments):
     > Contrastive term
 
     Args:
-        contrastive_num_negatives (`int`, *optional*, defaults to 3):
+        contrastive_num_negatives (`int`, *optional*, defaults to 1):
             Negatives per response in training (random other responses of the same prompt); each costs one extra LM
             pass per response. `None` uses all. Evaluation always ranks against every response of the prompt.
 
         contrastive_latents (`str`, *optional*, defaults to `"sample"`):
             Latents the InfoNCE scores use in training: `"sample"` (the reparameterised samples, as the NLL) or
             `"mean"` (the posterior means: a lower-variance signal for the encoder early in training).
-        responses_per_step (`int`, *optional*, defaults to `None`):
+        responses_per_step (`int`, *optional*, defaults to 8):
             Responses of each prompt used in a training step (a random subset); `None` uses all. Evaluation always
             uses all.
+
+    > Start of the latent space
+
+    Args:
+        latent_init (`str`, *optional*, defaults to `"pca"`):
+            `"pca"`: before the first step, start the hidden-state encoder from the whitened principal directions of
+            the pool's within-prompt variation in the base's residual stream, and the residual adapter from the map
+            back (see `hf_prefalign/trainer/clap_init.py`); `"none"`: gradient training from the zero-initialised
+            encoder only. Skipped when resuming, for an already trained backbone, and for the `"blocks"` encoder.
+        latent_init_scale (`float`, *optional*, defaults to 1.0):
+            The adapter's start maps a response's own z back to this many times its deviation from its prompt's mean
+            state.
+        latent_init_max_prompts (`int`, *optional*, defaults to 256):
+            Prompts of the training pool the start reads (`None`: all).
 
     > Model
 
@@ -68,7 +82,7 @@ class CLaPConfig(TrainingArguments):
             What to do with a prompt that has fewer than 2 responses while the contrastive term is on: `"skip"` it
             (with a counted warning) or raise an `"error"`.
 
-    Defaults that differ from [`~transformers.TrainingArguments`]: `learning_rate=1e-4`, `warmup_steps=0.1` (10% of
+    Defaults that differ from [`~transformers.TrainingArguments`]: `num_train_epochs=1`, `learning_rate=1e-4`, `warmup_steps=0.1` (10% of
     the steps), `per_device_train_batch_size=1` (prompts per step; each brings all its responses),
     `logging_steps=10`, `remove_unused_columns=False`.
     """
@@ -108,7 +122,7 @@ class CLaPConfig(TrainingArguments):
     )
     # Contrastive term
     contrastive_num_negatives: int | None = field(
-        default=3,
+        default=1,
         metadata={"help": "Negatives per response in training (None: all). Evaluation always uses all."},
     )
     contrastive_latents: str = field(
@@ -119,8 +133,23 @@ class CLaPConfig(TrainingArguments):
         },
     )
     responses_per_step: int | None = field(
-        default=None,
+        default=8,
         metadata={"help": "Responses of each prompt per training step (random subset; None: all)."},
+    )
+    # Start of the latent space
+    latent_init: str = field(
+        default="pca",
+        metadata={
+            "help": "'pca': start encoder and residual adapter from the pool's within-prompt principal directions; "
+            "'none': zero-initialised encoder.",
+            "choices": ["pca", "none"],
+        },
+    )
+    latent_init_scale: float = field(
+        default=1.0, metadata={"help": "Adapter start: z maps back to this many times the response's deviation."}
+    )
+    latent_init_max_prompts: int | None = field(
+        default=256, metadata={"help": "Prompts of the training pool the PCA start reads (None: all)."}
     )
     # Model
     freeze_base: bool = field(default=True, metadata={"help": "Train only the latent encoder and adapter."})
@@ -144,6 +173,7 @@ class CLaPConfig(TrainingArguments):
         },
     )
     # Parent defaults re-declared
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the pool (after the PCA start)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Initial AdamW learning rate."})
     warmup_steps: float = field(
         default=0.1, metadata={"help": "Linear warm-up: steps, or a fraction of all steps when in [0, 1)."}
@@ -166,6 +196,16 @@ class CLaPConfig(TrainingArguments):
             raise ValueError(f"`contrastive_latents` must be 'sample' or 'mean', got {self.contrastive_latents!r}.")
         if self.nll_reduction not in ("sequence", "token"):
             raise ValueError(f"`nll_reduction` must be 'sequence' or 'token', got {self.nll_reduction!r}.")
+        if self.latent_init not in ("pca", "none"):
+            raise ValueError(f"`latent_init` must be 'pca' or 'none', got {self.latent_init!r}.")
+        if not self.latent_init_scale > 0:
+            raise ValueError(f"`latent_init_scale` must be positive, got {self.latent_init_scale}.")
+        if isinstance(self.latent_init_max_prompts, str) and self.latent_init_max_prompts.lower() == "none":
+            self.latent_init_max_prompts = None
+        if self.latent_init_max_prompts is not None and self.latent_init_max_prompts <= 0:
+            raise ValueError(
+                f"`latent_init_max_prompts` must be positive or None, got {self.latent_init_max_prompts}."
+            )
         if self.too_few_responses not in ("skip", "error"):
             raise ValueError(f"`too_few_responses` must be 'skip' or 'error', got {self.too_few_responses!r}.")
         for name in ("nll_weight", "kl_weight", "contrastive_weight"):

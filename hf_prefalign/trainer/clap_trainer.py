@@ -17,11 +17,13 @@ from ..data.collators import DataCollatorForResponseGroups
 from ..data.pools import PROMPT_COLUMN, RESPONSES_COLUMN, as_response_pool
 from ..data.prompts import tokenize_prompt
 from ..loading import load_default_base
+from ..modeling.hidden_state_encoder import HiddenStateEncoder
 from ..modeling.likelihood import positions_to_score
 from ..modeling.modeling_prefalign import PrefAlignForCausalLM
 from ..utils.constants import BASE_MODEL_SUBFOLDER, EMBEDDED_DEFAULT_BASE, WEIGHTS_NAME
 from ..utils.serialization import load_tensors
 from .clap_config import CLaPConfig
+from .clap_init import init_latent_space_from_pool
 from .clap_losses import (
     aggregate_posterior_kl,
     analytic_kl,
@@ -276,6 +278,8 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         if lr is None or getattr(optimizer, "_prefalign_blocks_group", False):
             return optimizer
         backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not hasattr(backbone.latent_encoder, "blocks"):
+            raise ValueError("`encoder_blocks_learning_rate` applies to the 'blocks' encoder; this backbone has none.")
         block_ids = {id(p) for p in backbone.latent_encoder.blocks.parameters()}
         for group in list(optimizer.param_groups):
             moved = [p for p in group["params"] if id(p) in block_ids]
@@ -325,14 +329,43 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         "contrastive_latents",
         "responses_per_step",
         "encoder_blocks_learning_rate",
+        "latent_init",
+        "latent_init_scale",
         "freeze_base",
         "gradient_skip_path",
         "max_length",
         "seed",
     )
 
+    def _init_latent_space(self, resuming: bool) -> dict[str, Any] | None:
+        """The PCA start of `latent_init="pca"`, once, before the first step of a fresh backbone."""
+        backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(self.model)
+        encoder = backbone.latent_encoder
+        if (
+            self.args.latent_init != "pca"
+            or resuming
+            or self.train_dataset is None
+            or not isinstance(encoder, HiddenStateEncoder)
+            or int(encoder.feature_mean_updates) > 0  # trained (or started) before: continue from there
+        ):
+            return None
+        was_training = backbone.training
+        backbone.eval()
+        summary = init_latent_space_from_pool(
+            backbone,
+            self.train_dataset,
+            pad_token_id=self.processing_class.pad_token_id,
+            adapter_scale=self.args.latent_init_scale,
+            max_prompts=self.args.latent_init_max_prompts,
+            batch_size=max(self.args.per_device_eval_batch_size, 8),
+        )
+        backbone.train(was_training)
+        return summary
+
     def train(self, *args: Any, **kwargs: Any):
         start = time.perf_counter()
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        init_summary = self._init_latent_space(resuming=bool(resume))
         output = super().train(*args, **kwargs)
         seconds = time.perf_counter() - start
         dataset = self.train_dataset
@@ -348,6 +381,7 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
             "steps": output.global_step,
             "train_seconds": round(seconds, 1),
             "settings": {key: getattr(self.args, key) for key in self._SUMMARY_SETTINGS},
+            "latent_init": init_summary,
             "final_metrics": {
                 key: round(value, 4)
                 for key, value in final.items()

@@ -28,6 +28,27 @@ from .metrics import CollectedMetricsMixin
 logger = logging.get_logger(__name__)
 
 
+def _warn_if_no_signal(pairs: Dataset) -> float:
+    """Warn when the chosen and rejected posteriors cannot be told apart; returns their mean separation.
+
+    The separation is the mean distance between the two posterior means in units of their standard deviations. Near
+    zero, every latent pair has the same latent reward, none is kept, and the user's prior never moves: the backbone's
+    encoder is untrained (or these responses do not differ in what it encodes).
+    """
+    columns = pairs[:]
+    gap = columns["chosen_mean"] - columns["rejected_mean"]  # (N, Z)
+    spread = 0.5 * (columns["chosen_logvar"].exp() + columns["rejected_logvar"].exp())
+    separation = float((gap.pow(2) / spread.clamp(min=1e-12)).sum(-1).sqrt().mean())
+    if separation < 1e-3:
+        logger.warning(
+            f"Latent DPO finds no signal: the chosen and rejected responses of all {len(pairs)} pairs have the same "
+            f"posterior (mean separation {separation:.2e} standard deviations), so no latent pair is kept and the "
+            "user's prior will not move. The backbone's encoder looks untrained: train it with CLaPTrainer first "
+            "(or check that the pairs' responses differ)."
+        )
+    return separation
+
+
 def _collate_latent_pairs(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: torch.stack([torch.as_tensor(f[name]) for f in features]) for name in PAIR_COLUMNS}
 
@@ -101,6 +122,7 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
             eval_dataset = latent_cache.encode_pairs(eval_dataset, "eval")
         self.cache_seconds = time.perf_counter() - start
         self.cache_sequences_encoded = latent_cache.encoder_sequences - encoded_before
+        self.posterior_separation = _warn_if_no_signal(train_dataset)
 
         # Preference embedding (the trained model)
         if preference_embedding is None:
@@ -198,6 +220,7 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
             "num_latent_samples": self.args.num_latent_samples,
             "gap_quantile": self.args.gap_quantile,
             "train_seconds": round(seconds, 3),
+            "posterior_separation": round(self.posterior_separation, 4),
             "final_loss": output.training_loss,
         }
         if logs:  # the implicit reward's accuracy on kept latent pairs, at the first and the last log

@@ -1,0 +1,153 @@
+"""Data-dependent start of CLaP: the latent space begins as the principal directions in which a prompt's responses
+differ in the base's residual stream.
+
+For every response of (a subset of) the pool, one no-grad pass reads the mean residual stream over the response at
+the encoder layer and at each steering layer. Centred within each prompt, these vectors vary by what distinguishes
+one response from another (what the hidden style instructions of the pool vary); their top `latent_dim` principal
+directions, whitened, become the encoder head (so z ~ N(0, I) over the pool), and the residual adapter starts as
+the least-squares map back from z to those directions (`W_l = scale * E[d_l z^T]`). Gradient training of CLaP then
+refines both. An untrained backbone's encoder returns the same N(0, I) for every response; this start gives it a
+space in which responses (and users) already differ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..modeling.hidden_state_encoder import HiddenStateEncoder, masked_mean, read_hidden_states
+from ..modeling.modeling_prefalign import PrefAlignForCausalLM
+from ..modeling.steering import ResidualLatentAdapter
+
+
+logger = logging.get_logger(__name__)
+
+
+def _pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def pool_features(
+    model: PrefAlignForCausalLM,
+    dataset: Dataset,
+    layers: list[int],
+    pad_token_id: int,
+    batch_size: int = 16,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Mean residual stream over each response at `layers`, for a tokenized pool (`prompt_input_ids`,
+    `responses_input_ids`).
+
+    Returns the response features per layer `(N, hidden)` each, the prompt (group) index of each response `(N,)`, and
+    the prompts' own mean states at the first of `layers` `(G, hidden)`.
+    """
+    base, layout = model.get_base_model(), model.layout
+    device = model.device
+    sequences, starts, groups, prompt_seqs = [], [], [], []
+    for group, row in enumerate(dataset):
+        prompt = list(row["prompt_input_ids"])
+        prompt_seqs.append(prompt)
+        for response in row["responses_input_ids"]:
+            sequences.append(prompt + list(response))
+            starts.append(len(prompt))
+            groups.append(group)
+    per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
+    for first in tqdm(range(0, len(sequences), batch_size), desc="Reading pool hidden states", unit="batch"):
+        ids, mask = _pad_right(sequences[first : first + batch_size], pad_token_id)
+        response_mask = mask.clone()
+        for row, start in enumerate(starts[first : first + batch_size]):
+            response_mask[row, :start] = 0
+        states = read_hidden_states(base, layout, layers, ids.to(device), mask.to(device))
+        for slot, layer_states in enumerate(states):
+            per_layer[slot].append(masked_mean(layer_states, response_mask.to(device)).cpu())
+    prompt_features = []
+    for first in range(0, len(prompt_seqs), batch_size):
+        ids, mask = _pad_right(prompt_seqs[first : first + batch_size], pad_token_id)
+        (states,) = read_hidden_states(base, layout, layers[:1], ids.to(device), mask.to(device))
+        prompt_features.append(masked_mean(states, mask.to(device)).cpu())
+    return [torch.cat(f) for f in per_layer], torch.tensor(groups), torch.cat(prompt_features)
+
+
+def _centre_within_groups(features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    sums = torch.zeros(int(groups.max()) + 1, features.shape[1]).index_add_(0, groups, features)
+    counts = torch.bincount(groups).clamp(min=1).unsqueeze(1).float()
+    return features - (sums / counts)[groups]
+
+
+@torch.no_grad()
+def init_latent_space_from_pool(
+    model: PrefAlignForCausalLM,
+    dataset: Dataset,
+    pad_token_id: int,
+    adapter_scale: float = 1.0,
+    max_prompts: int | None = 256,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Start the hidden-state encoder (and a residual adapter) from the pool's within-prompt principal directions.
+
+    Args:
+        model (`PrefAlignForCausalLM`): a backbone with `encoder_type="hidden_states"`.
+        dataset (`Dataset`): the tokenized training pool (as `CLaPTrainer` prepares it).
+        pad_token_id (`int`): padding id of the tokenizer.
+        adapter_scale (`float`, *optional*, defaults to 1.0): the adapter maps a response's own z back to this many
+            times its own deviation from the prompt's mean state.
+        max_prompts (`int`, *optional*, defaults to 256): prompts read (the first ones); `None` reads all.
+
+    Returns:
+        `dict`: what the start found (responses read, the share of within-prompt variance the latent directions
+        explain).
+    """
+    encoder = model.latent_encoder
+    if not isinstance(encoder, HiddenStateEncoder):
+        raise ValueError("The PCA start needs `encoder_type='hidden_states'` (the paper's encoder has no such start).")
+    if max_prompts is not None and len(dataset) > max_prompts:
+        dataset = dataset.select(range(max_prompts))
+    adapter = model.latent_adapter if isinstance(model.latent_adapter, ResidualLatentAdapter) else None
+    layers = [encoder.layer] + (adapter.layers if adapter is not None else [])
+    features, groups, prompt_features = pool_features(model, dataset, layers, pad_token_id, batch_size)
+    latent_dim = model.config.latent_dim
+    num = features[0].shape[0]
+    if num < 2 * latent_dim:
+        logger.warning(
+            f"The PCA start reads {num} responses for {latent_dim} latent dimensions; the directions past the "
+            f"{num - 1}th are noise. Use a larger pool."
+        )
+    within = _centre_within_groups(features[0], groups)  # (N, H)
+    _, singular, right = torch.linalg.svd(within, full_matrices=False)  # right: (min(N,H), H)
+    rank = min(latent_dim, right.shape[0])
+    scale = (singular[:rank] / math.sqrt(num)).clamp(min=1e-6)  # std of each direction over responses
+    head = torch.zeros(2 * latent_dim, features[0].shape[1])
+    head[:rank] = right[:rank] / scale.unsqueeze(1)  # z_k = u_k . (f - mean) / s_k: whitened
+    head_bias = torch.zeros(2 * latent_dim)
+    head_bias[latent_dim:] = model.config.posterior_init_logvar
+    target = encoder.to_gaussian
+    target.weight.copy_(head.to(target.weight))
+    target.bias.copy_(head_bias.to(target.bias))
+    encoder.feature_mean.copy_(features[0].mean(0).to(encoder.feature_mean))
+    encoder.prompt_feature_mean.copy_(prompt_features.mean(0).to(encoder.prompt_feature_mean))
+    # Continue as an exponential moving average from here rather than restarting a cumulative mean.
+    encoder.feature_mean_updates.fill_(int(1 / encoder.feature_mean_momentum))
+
+    if adapter is not None:
+        z = within @ head[:latent_dim].T  # (N, Z), whitened within-prompt coordinates
+        for slot, layer_features in enumerate(features[1:]):
+            deviations = _centre_within_groups(layer_features, groups)  # (N, H)
+            weight = adapter_scale * deviations.T @ z / num  # (H, Z) = scale * E[d z^T]
+            adapter.weight[slot].copy_(weight.to(adapter.weight))
+    explained = float((singular[:rank] ** 2).sum() / (singular**2).sum().clamp(min=1e-12))
+    summary = {"responses": num, "prompts": len(dataset), "explained_variance": round(explained, 4)}
+    logger.info(f"PCA start of the latent space: {summary}")
+    return summary
+
+
+__all__ = ["init_latent_space_from_pool", "pool_features"]
