@@ -39,6 +39,12 @@ from typing import Any, TypeVar
 
 import torch
 from filelock import FileLock
+
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
@@ -187,8 +193,42 @@ def _siblings(target: Path, suffix: str) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
-def _lock(target: Path) -> FileLock:
-    return FileLock(str(target.parent / f"{INTERNAL_PREFIX}{target.name}.lock"), timeout=LOCK_TIMEOUT_S)
+@contextlib.contextmanager
+def _lock(target: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Exclusive lock on `target` between processes, via `.prefalign-<name>.lock` in its parent.
+
+    On POSIX the lock file is removed on release (lock, then check the path still names the locked inode, so a
+    waiter never holds a lock on an unlinked file): no lock files pile up beside artefacts. Elsewhere: `filelock`.
+    """
+    lock_path = target.parent / f"{INTERNAL_PREFIX}{target.name}.lock"
+    if fcntl is None:
+        with FileLock(str(lock_path), timeout=timeout):
+            yield
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Another process has held the lock {lock_path} for over {timeout:.0f}s.") from None
+            time.sleep(0.005)
+            continue
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed that file: lock the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)  # closing releases the lock
 
 
 def _delete(path: Path) -> None:
@@ -250,7 +290,7 @@ def resolve_directory(path: str | os.PathLike) -> Path:
     if not complete:
         return path
     try:
-        with _lock(missing).acquire(timeout=5):
+        with _lock(missing, timeout=5):
             _recover_locked(missing)
     except OSError:  # read-only folder or a held lock: read the complete version where it is
         return complete[0] / path.relative_to(missing)
