@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from ..utils.serialization import atomic_directory
-from .prompts import Prompt, response_text, tokenize_prompt
+from ..utils.serialization import atomic_directory, read_consistent, resolve_directory
+from .prompts import Prompt, context_limit, response_text, tokenize_prompt
 
 
 logger = logging.get_logger(__name__)
@@ -106,12 +106,23 @@ def build_response_pool(
     responses: list[list[str]] = []
     start = time.perf_counter()
     num_batches = (len(prompts) + config.batch_size - 1) // config.batch_size
+    limit = context_limit(getattr(model.config, "text_config", None) or model.config)
+    room = None if limit is None else limit - config.max_new_tokens
+    if room is not None and room < 1:
+        raise ValueError(
+            f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the model's context of {limit} "
+            "tokens; lower `max_new_tokens`."
+        )
+    truncated = 0
     with context:
         for batch_index in tqdm(range(num_batches), desc="Sampling responses", unit="batch"):
             rows = prompts[batch_index * config.batch_size : (batch_index + 1) * config.batch_size][
                 config.prompt_column
             ]
             encoded = [tokenize_prompt(tokenizer, prompt) for prompt in rows]
+            if room is not None:
+                truncated += sum(len(ids) > room for ids in encoded)
+                encoded = [ids[-room:] for ids in encoded]  # keep the end: the question and the generation prompt
             width = max(len(ids) for ids in encoded)
             # Left padding: every row's last prompt token sits at the same column, where generation starts.
             input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -136,6 +147,11 @@ def build_response_pool(
                 group = texts[row * config.num_responses : (row + 1) * config.num_responses]
                 responses.append([text.strip() for text in group])
     model.train(was_training)
+    if truncated:
+        logger.warning(
+            f"{truncated} prompt(s) exceed the model's context of {limit} tokens minus max_new_tokens="
+            f"{config.max_new_tokens} and were truncated (their start was cut)."
+        )
     seconds = time.perf_counter() - start
     total = len(prompts) * config.num_responses
     logger.info(f"Sampled {total} responses in {seconds:.1f}s ({total / seconds:.2f} responses/s).")
@@ -187,7 +203,8 @@ def as_response_pool(dataset: Dataset) -> Dataset:
 
 
 def save_response_pool(pool: Dataset, path: str | os.PathLike) -> None:
-    """`save_to_disk`, into a temporary folder renamed into place (an interrupted save leaves no partial pool)."""
+    """`save_to_disk` into a staging folder that replaces `path` whole once complete ([`atomic_directory`]): after a
+    kill -9 the folder holds the old pool or the new one, never a mix of their data files."""
     with atomic_directory(path) as tmp:
         pool.save_to_disk(str(tmp))
 
@@ -195,9 +212,13 @@ def save_response_pool(pool: Dataset, path: str | os.PathLike) -> None:
 def load_response_pool(path: str | os.PathLike) -> Dataset:
     """Reload a pool saved with [`save_response_pool`] (no resampling), checking its columns."""
     path = Path(path)
-    if not path.is_dir():
+    if not resolve_directory(path).is_dir():
         raise FileNotFoundError(f"No response pool at {path}.")
-    return as_response_pool(load_from_disk(str(path)))
+    try:
+        dataset = read_consistent(path, lambda folder: load_from_disk(str(folder)))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"No response pool at {path}: it is not a saved dataset ({err}).") from err
+    return as_response_pool(dataset)
 
 
 __all__ = [
