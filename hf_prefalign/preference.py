@@ -191,10 +191,8 @@ class PreferenceEmbedding(nn.Module):
         if subfolder is not None:
             subfolder = validate_relative_path(subfolder, "subfolder")
         local = Path(path) / subfolder if subfolder else Path(path)
-        if resolve_directory(local).is_dir():
+        if resolve_directory(local).is_dir() or Path(path).exists() or not looks_like_repo_id(str(path)):
             return read_consistent(local, cls._load_local)
-        if Path(path).exists() or not looks_like_repo_id(str(path)):
-            raise FileNotFoundError(f"No preference embedding at {local}: no such directory (nor a Hub repo id).")
         folder = pull_folder(
             str(path),
             subfolder=subfolder,
@@ -208,6 +206,8 @@ class PreferenceEmbedding(nn.Module):
 
     @classmethod
     def _load_local(cls, path: Path) -> PreferenceEmbedding:
+        if not path.is_dir():
+            raise FileNotFoundError(f"No preference embedding at {path}: no such directory (nor a Hub repo id).")
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"No preference embedding at {path}: {CONFIG_NAME} is missing.")

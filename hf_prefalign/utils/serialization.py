@@ -9,11 +9,12 @@ Invariant (kill -9 at any instant, one writer at a time per target thanks to a f
     may not write), so a reader still sees old or new, never a mix.
 
 The write sequence under the lock `.prefalign-<name>.lock` (in the parent folder):
-    1. recover: finish an interrupted swap, move entries carried from the target back if a crash left them in a stale
-       `.new`, delete other leftovers (`.tmp` half-written folders, `.old` / `.del` previous versions);
+    1. recover: finish an interrupted swap, delete every leftover (`.tmp` half-written folders, a `.new` that never
+       got swapped in, `.old` / `.del` previous versions);
     2. write the new version into `.prefalign-<name>.<tx>.tmp`, fsync every file and folder;
-    3. rename it to `.new` (it is complete from now on), move the entries the artefact does not own (a checkpoint
-       folder, a tokenizer saved beside it) from the target into it;
+    3. rename it to `.new` (it is complete from now on), hard-link into it the entries of the target that the new
+       version keeps (files the artefact does not own, such as a checkpoint folder or a tokenizer saved beside it,
+       and a bank's users saved by another process);
     4. rename target -> `.old`, `.new` -> target, fsync the parent;
     5. rename `.old` -> `.del` and delete it.
 Concurrent readers of our loaders re-read when the folder they read was swapped meanwhile ([`read_consistent`]).
@@ -200,7 +201,7 @@ def _lock(target: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     On POSIX the lock file is removed on release (lock, then check the path still names the locked inode, so a
     waiter never holds a lock on an unlinked file): no lock files pile up beside artefacts. Elsewhere: `filelock`.
     """
-    lock_path = target.parent / f"{INTERNAL_PREFIX}{target.name}.lock"
+    lock_path = _lock_file(target)
     if fcntl is None:
         with FileLock(str(lock_path), timeout=timeout):
             yield
@@ -275,25 +276,39 @@ def _carried(folder: Path, entry: Path) -> bool:
         return False
 
 
+def _lock_file(target: Path) -> Path:
+    return target.parent / f"{INTERNAL_PREFIX}{target.name}.lock"
+
+
 def resolve_directory(path: str | os.PathLike) -> Path:
-    """The folder to read for `path`: itself, or, after a crash between the two renames of a swap (of it or of a
-    folder above it), the complete version that swap left beside it, renamed into place when we may."""
+    """The folder to read for `path`, after finishing what a crashed writer of it (or of a folder above it) left.
+
+    Cheap when nothing crashed: every writer removes its lock file when done, so a lock file beside the folder
+    with no writer holding it means a crash, and only then are leftovers looked for. When the folder is missing
+    because a crash hit between the two renames of a swap, the complete version beside it is renamed into place
+    (or, where we may not write, read where it is).
+    """
     path = Path(path)
-    if path.is_dir():
-        return path
-    missing = path
+    missing = None
     for candidate in [path, *path.parents]:  # the topmost missing folder is the one that was swapped
         if candidate.exists():
             break
         missing = candidate
-    complete = _siblings(missing, ".new")[:1] or _siblings(missing, ".old")[:1]
-    if not complete:
+    if missing is None:
+        if not _lock_file(path).exists():
+            return path
+        with contextlib.suppress(OSError):  # a live writer holds it: the folder is complete, read it
+            with _lock(path, timeout=0):
+                _recover_locked(path)
+        return path
+    if not (_siblings(missing, ".new") or _siblings(missing, ".old")):
         return path
     try:
         with _lock(missing, timeout=5):
             _recover_locked(missing)
     except OSError:  # read-only folder or a held lock: read the complete version where it is
-        return complete[0] / path.relative_to(missing)
+        complete = _siblings(missing, ".new")[:1] or _siblings(missing, ".old")[:1]
+        return complete[0] / path.relative_to(missing) if complete else path
     return path
 
 
@@ -305,11 +320,17 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def read_consistent(path: str | os.PathLike, read: Callable[[Path], T], attempts: int = 5) -> T:
+def _writer_active(path: Path) -> bool:
+    """A lock file beside `path` or its parent: a writer is (or a crashed one was) swapping them."""
+    return any(_lock_file(p).exists() for p in (path, path.parent))
+
+
+def read_consistent(path: str | os.PathLike, read: Callable[[Path], T], attempts: int = 8) -> T:
     """Run `read(folder)` on the resolved `path`; if the folder was swapped by a writer meanwhile, read again.
 
     A read spanning a concurrent swap could mix the old and the new version, or miss a file that was just renamed
-    away; comparing the folder's inode before and after tells it from a genuinely missing or damaged file.
+    away; comparing the folder's inode before and after (and seeing a writer's lock) tells it from a genuinely
+    missing or damaged file, which fails at once.
     """
     path = Path(path)
     for attempt in range(attempts):
@@ -318,17 +339,21 @@ def read_consistent(path: str | os.PathLike, read: Callable[[Path], T], attempts
         try:
             result = read(folder)
         except (OSError, ValueError):
-            if attempt + 1 < attempts and _identity(resolve_directory(path)) != before:
-                time.sleep(0.01 * (attempt + 1))
+            raced = _identity(resolve_directory(path)) != before or _writer_active(path)
+            if attempt + 1 < attempts and raced:
+                time.sleep(0.005 * 2**attempt)
                 continue
             raise
         if _identity(folder) == before:
             return result
-        time.sleep(0.01 * (attempt + 1))
+        time.sleep(0.005 * 2**attempt)
     return read(resolve_directory(path))
 
 
-def _move_carried(source: Path, staged: Path, carry: Callable[[str], bool] | None) -> None:
+def _carry_over(source: Path, staged: Path, carry: Callable[[str], bool] | None) -> None:
+    """Give the new version the entries of the old one it keeps, as hard links: the old version stays intact (a
+    concurrent reader of it misses nothing) and nothing is copied. Where links are refused (some network or FAT
+    file systems), the entries are moved instead, listed first so that recovery gives them back after a crash."""
     if carry is None or not source.is_dir():
         return
     names = [
@@ -336,13 +361,22 @@ def _move_carried(source: Path, staged: Path, carry: Callable[[str], bool] | Non
         for e in source.iterdir()
         if not e.name.startswith(INTERNAL_PREFIX) and not (staged / e.name).exists() and carry(e.name)
     ]
-    if not names:
-        return
-    listing = staged / _CARRIED_LIST
-    listing.write_text(json.dumps(names), encoding="utf-8")  # so recovery gives them back, never deletes them
-    _fsync_path(listing)
+    moved = []
     for name in names:
-        os.rename(source / name, staged / name)
+        try:
+            if (source / name).is_dir() and not (source / name).is_symlink():
+                shutil.copytree(source / name, staged / name, symlinks=True, copy_function=os.link)
+            else:
+                os.link(source / name, staged / name, follow_symlinks=False)
+        except OSError:
+            shutil.rmtree(staged / name, ignore_errors=True)
+            moved.append(name)
+    if moved:
+        listing = staged / _CARRIED_LIST
+        listing.write_text(json.dumps(moved), encoding="utf-8")
+        _fsync_path(listing)
+        for name in moved:
+            os.rename(source / name, staged / name)
 
 
 @contextlib.contextmanager
@@ -372,7 +406,7 @@ def atomic_directory(path: str | os.PathLike, carry: Callable[[str], bool] | Non
             ready = staging.with_suffix(".new")
             os.rename(staging, ready)
             _fsync_path(target.parent)
-            _move_carried(target, ready, carry)
+            _carry_over(target, ready, carry)
             cwd_is_target = target.exists() and _identity(Path(os.curdir)) == _identity(target)
             if target.exists():
                 previous = ready.with_suffix(".old")
