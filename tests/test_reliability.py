@@ -91,9 +91,12 @@ def _kill_trials(name: str, target: Path, save, check, seconds_per_save: float) 
         time.sleep(rng.uniform(0, 3 * seconds_per_save))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        interrupted = bool(_leftovers(target)) or not target.exists()
+        beside = [p.name.rsplit(".", 1)[-1] for p in target.parent.iterdir() if p.name.startswith(INTERNAL_PREFIX)]
+        outcomes["killed inside a save (its lock file left)"] += int("lock" in beside)
+        outcomes["killed with a half-written .tmp"] += int("tmp" in beside)
+        outcomes["killed with a complete .new not swapped in"] += int("new" in beside and target.exists())
+        outcomes["killed between the two renames (target absent)"] += int(not target.exists())
         outcomes[f"read {check(target)}"] += 1
-        outcomes["interrupted mid-save (leftovers before the read)"] += int(interrupted)
     save("A")  # the next write cleans every leftover
     assert _leftovers(target) == []
     outcomes["leftovers after the next write"] += len(_leftovers(target))
@@ -242,6 +245,112 @@ def test_pool_save_is_atomic_under_kill(tmp_path):
         return version
 
     _kill_trials("response pool", target, lambda v: save_response_pool(pools[v], target), check, seconds)
+
+
+def _kill_at_every_rename(name: str, target: Path, save, check) -> Counter:
+    """Systematic crash points: the child dies (SIGKILL) just before its k-th rename / replace, for every k."""
+    save("A")
+    real_rename, real_replace = os.rename, os.replace
+    calls = []
+
+    def counting(real):
+        def wrapper(*args, **kwargs):
+            calls.append(args[1])
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    os.rename, os.replace = counting(real_rename), counting(real_replace)
+    try:
+        save("B")
+    finally:
+        os.rename, os.replace = real_rename, real_replace
+    save("A")
+    outcomes: Counter = Counter()
+    for k in range(len(calls)):
+
+        def work(k: int = k) -> None:
+            count = [0]
+
+            def dying(real):
+                def wrapper(*args, **kwargs):
+                    if count[0] == k:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    count[0] += 1
+                    return real(*args, **kwargs)
+
+                return wrapper
+
+            os.rename, os.replace = dying(real_rename), dying(real_replace)
+            save("B")
+
+        pid = _in_child(work)
+        os.waitpid(pid, 0)
+        outcomes["killed between the two renames (target absent)"] += int(not target.exists())
+        outcomes[f"read {check(target)}"] += 1
+        save("A")
+        assert _leftovers(target) == []
+    assert outcomes["read A"] + outcomes["read B"] == len(calls)
+    assert outcomes["killed between the two renames (target absent)"] >= 1
+    OUTCOMES[f"{name}: a kill before each of its {len(calls)} renames"] = outcomes
+    return outcomes
+
+
+def test_embedding_survives_a_kill_before_each_rename(tmp_path):
+    versions = {"A": _embedding("fingerprint-a", 0.0), "B": _embedding("fingerprint-b", 1.0)}
+    target = tmp_path / "alice"
+
+    def check(folder: Path) -> str:
+        loaded = PreferenceEmbedding.from_pretrained(folder)
+        version = "A" if loaded.config.backbone_fingerprint == "fingerprint-a" else "B"
+        assert torch.equal(loaded.bias, versions[version].bias)
+        return version
+
+    _kill_at_every_rename("preference embedding", target, lambda v: versions[v].save_pretrained(target), check)
+
+
+def test_backbone_survives_a_kill_before_each_rename(tmp_path):
+    model_a = PrefAlignForCausalLM.from_base(make_tiny_base("gpt2"), latent_dim=8)
+    model_b = PrefAlignForCausalLM.from_base(make_tiny_base("gpt2", seed=1), latent_dim=8)
+    with torch.no_grad():
+        for p in model_b.latent_parameters():
+            p.add_(1.0)
+    latents = {"A": model_a.latent_state_dict(), "B": model_b.latent_state_dict()}
+    target = tmp_path / "backbone"
+    target.mkdir()
+    (target / "tokenizer.json").write_text("{}")
+
+    def save(version: str) -> None:
+        (model_a if version == "A" else model_b).save_pretrained(target, save_base=version == "B")
+
+    def check(folder: Path) -> str:
+        # The unchanged loader: a missing folder goes through `pull_folder`, which finishes the swap.
+        loaded = PrefAlignForCausalLM.from_pretrained(folder, base_model=make_tiny_base("gpt2"))
+        version = "A" if _tensors_equal(loaded.latent_state_dict(), latents["A"]) else "B"
+        assert _tensors_equal(loaded.latent_state_dict(), latents[version])
+        assert json.loads((folder / "config.json").read_text())["base_included"] == (version == "B")
+        assert (folder / "base_model").is_dir() == (version == "B") and (folder / "tokenizer.json").is_file()
+        return version
+
+    _kill_at_every_rename("backbone", target, save, check)
+
+
+def test_bank_survives_a_kill_before_each_rename(tmp_path):
+    banks = {}
+    for version, value in (("A", 0.0), ("B", 1.0)):
+        banks[version] = PreferenceBank("fp", latent_dim=4, feature_dim=6)
+        for user in ("u1", "u2"):
+            banks[version].add(user, _embedding("fp", value))
+    target = tmp_path / "bank"
+
+    def check(folder: Path) -> str:
+        bank = PreferenceBank("fp", latent_dim=4, feature_dim=6)
+        assert bank.load(folder) == ["u1", "u2"]
+        values = {float(bank.get(user).bias[0].detach()) for user in bank.ids()}
+        assert len(values) == 1
+        return "A" if values == {0.0} else "B"
+
+    _kill_at_every_rename("preference bank", target, lambda v: banks[v].save(target), check)
 
 
 # ----------------------------------------------------------------------
