@@ -548,3 +548,36 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path, capsys):
     assert "No repo at ./missing-folder" in err and "Traceback" not in err
     code = cli_main(["generate", "--backbone", str(tmp_path / "nope"), "--prompt", "hi"])
     assert code == 1 and "No backbone at" in capsys.readouterr().err
+
+
+def test_damaged_latent_cache_is_named_and_replaced_on_the_next_save(tmp_path, tiny_backbone):
+    model, tokenizer = tiny_backbone
+    cache = LatentCache(model, tokenizer, cache_dir=tmp_path)
+    _fill(cache, range(3))
+    cache.save()
+    index = cache.directory / "index.json"
+    raw = json.loads(index.read_text())
+    raw["responses"] = raw["responses"][:1]
+    index.write_text(json.dumps(raw))
+    with pytest.raises(OSError, match="index.json lists 3 prompts and 1 responses"):
+        LatentCache(model, tokenizer, cache_dir=tmp_path)
+    cache.save()  # the in-memory cache replaces the damaged one
+    assert _check_cache(LatentCache(model, tokenizer, cache_dir=tmp_path)) == {0, 1, 2}
+
+
+def test_cli_resume_from_a_missing_checkpoint_is_an_error(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    argv = ["align", "--backbone", str(tmp_path), "--dataset", str(data), "--output_dir", str(tmp_path / "out")]
+    assert cli_main([*argv, "--resume_from_checkpoint", "/nonexistent"]) == 1
+    err = capsys.readouterr().err
+    assert "no such checkpoint folder" in err and "Traceback" not in err
+
+
+def test_saving_into_the_working_directory_keeps_it_usable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("notes.txt").write_text("mine")
+    for value in (0.0, 1.0):
+        _embedding("fp", value).save_pretrained(".")
+    assert Path("notes.txt").read_text() == "mine"  # the cwd was swapped; the process follows it
+    assert float(PreferenceEmbedding.from_pretrained(".").bias[0].detach()) == 1.0

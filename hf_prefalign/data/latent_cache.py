@@ -173,7 +173,11 @@ class LatentCache:
         feature_dim = self.model.config.text_config.hidden_size
         latent_dim = self.model.config.latent_dim
         with atomic_directory(self.directory) as tmp:
-            on_disk = _read_cache(self.directory)  # under the lock: nobody writes it now
+            try:
+                on_disk = _read_cache(self.directory)  # under the lock: nobody writes it now
+            except OSError as err:  # a damaged cache is replaced by this one, not merged
+                logger.warning(f"Replacing the damaged latent cache at {self.directory}: {err}")
+                on_disk = ({}, {})
             for key, value in on_disk[0].items():
                 self._prompts.setdefault(key, value)
             for key, value in on_disk[1].items():

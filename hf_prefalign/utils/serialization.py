@@ -289,17 +289,18 @@ def resolve_directory(path: str | os.PathLike) -> Path:
     (or, where we may not write, read where it is).
     """
     path = Path(path)
+    real = Path(os.path.realpath(path))  # where writers put their lock and leftovers
     missing = None
-    for candidate in [path, *path.parents]:  # the topmost missing folder is the one that was swapped
+    for candidate in [real, *real.parents]:  # the topmost missing folder is the one that was swapped
         if candidate.exists():
             break
         missing = candidate
     if missing is None:
-        if not _lock_file(path).exists():
+        if not _lock_file(real).exists():
             return path
         with contextlib.suppress(OSError):  # a live writer holds it: the folder is complete, read it
-            with _lock(path, timeout=0):
-                _recover_locked(path)
+            with _lock(real, timeout=0):
+                _recover_locked(real)
         return path
     if not (_siblings(missing, ".new") or _siblings(missing, ".old")):
         return path
@@ -308,7 +309,7 @@ def resolve_directory(path: str | os.PathLike) -> Path:
             _recover_locked(missing)
     except OSError:  # read-only folder or a held lock: read the complete version where it is
         complete = _siblings(missing, ".new")[:1] or _siblings(missing, ".old")[:1]
-        return complete[0] / path.relative_to(missing) if complete else path
+        return complete[0] / real.relative_to(missing) if complete else path
     return path
 
 
