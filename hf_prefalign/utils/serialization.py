@@ -412,7 +412,11 @@ def atomic_directory(path: str | os.PathLike, carry: Callable[[str], bool] | Non
             if target.exists():
                 previous = ready.with_suffix(".old")
                 os.rename(target, previous)
-                os.rename(ready, target)
+                try:
+                    os.rename(ready, target)
+                except OSError:
+                    os.rename(previous, target)  # put the old version back; the `.new` is cleaned next time
+                    raise
                 _fsync_path(target.parent)
                 if cwd_is_target:
                     os.chdir(target)
