@@ -581,3 +581,20 @@ def test_saving_into_the_working_directory_keeps_it_usable(tmp_path, monkeypatch
         _embedding("fp", value).save_pretrained(".")
     assert Path("notes.txt").read_text() == "mine"  # the cwd was swapped; the process follows it
     assert float(PreferenceEmbedding.from_pretrained(".").bias[0].detach()) == 1.0
+
+
+def test_an_unreachable_hub_is_one_clear_oserror(tmp_path):
+    from hf_prefalign.hub.transfer import push_folder
+
+    with pytest.raises(OSError, match="Could not reach the Hub for pushing to 'o/r'"):
+        push_folder(lambda folder: None, "o/r", token="hf_fake", endpoint="http://127.0.0.1:9")
+
+
+def test_cli_invalid_jsonl_is_one_line(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": \n')
+    code = cli_main(
+        ["align", "--backbone", str(tmp_path), "--dataset", str(data), "--output_dir", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 2 and "Traceback" not in err

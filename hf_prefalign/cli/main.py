@@ -203,6 +203,26 @@ def _load_base(name: str):
     return load_base_model(name), AutoTokenizer.from_pretrained(name)
 
 
+def _check_json(path: Path) -> None:
+    """A JSON array/object or JSON lines; a `ValueError` names the file and the first bad line (datasets would log
+    its own parser's error and raise a generic one)."""
+    import json
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError:
+            pass  # datasets also reads JSON lines from a .json file
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON lines: line {number}: {err.msg}") from err
+
+
 def _load_dataset(source: str, split: str = "train"):
     """A dataset from a .json/.jsonl file, a saved dataset folder, or a Hub dataset id."""
     from datasets import Dataset, load_dataset, load_from_disk
@@ -213,6 +233,7 @@ def _load_dataset(source: str, split: str = "train"):
     if path.suffix in (".json", ".jsonl"):
         if not path.is_file():
             raise FileNotFoundError(f"No such file: {path}")
+        _check_json(path)
         return Dataset.from_json(str(path))
     if path.exists() or "/" not in source:
         raise FileNotFoundError(

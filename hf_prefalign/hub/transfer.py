@@ -23,16 +23,29 @@ from ..utils.paths import validate_relative_path
 from ..utils.serialization import INTERNAL_PREFIX, resolve_directory
 
 
-try:  # huggingface_hub >= 1.0 talks through httpx
-    from httpx import HTTPError as _TransportError
-except ImportError:  # pragma: no cover
-    _TransportError = ConnectionError
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's connection errors (huggingface_hub talks through httpx, or its fork httpx2)."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):
+        try:
+            imported = __import__(module)
+        except ImportError:
+            continue
+        error = getattr(imported, "HTTPError", None)
+        if isinstance(error, type) and issubclass(error, BaseException):
+            found.append(error)
+    return tuple(found)
+
+
+_TransportError = _transport_errors()
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?")
 
 
 def _network_error(what: str, repo_id: str, err: Exception) -> OSError:
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, HfHubHTTPError):  # the Hub answered, with an error status
+        return OSError(f"The Hub refused {what} {repo_id!r}: {first}. Check the repo id, your token and its rights.")
     return OSError(f"Could not reach the Hub for {what} {repo_id!r}: {first}. Check your network and token.")
 
 
@@ -75,7 +88,7 @@ def push_folder(
             )
     except HFValidationError as err:
         raise ValueError(f"Invalid Hub repo id {repo_id!r}: {err}") from err
-    except (HfHubHTTPError, _TransportError) as err:
+    except (HfHubHTTPError, *_TransportError) as err:
         raise _network_error("pushing to", repo_id, err) from err
     return str(commit)
 
@@ -126,7 +139,7 @@ def pull_folder(
         raise OSError(f"Could not get {what} {repo_id!r} (revision {revision!r}): {err}") from err
     except HFValidationError as err:
         raise ValueError(f"Invalid Hub repo id {repo_id!r}: {err}") from err
-    except (HfHubHTTPError, _TransportError) as err:
+    except (HfHubHTTPError, *_TransportError) as err:
         raise _network_error("downloading", repo_id, err) from err
     folder = Path(root) / subfolder if subfolder else Path(root)
     if not folder.resolve().is_relative_to(Path(root).resolve()):  # a symlink planted in the snapshot
