@@ -13,7 +13,7 @@ import torch
 from .hub.transfer import push_folder
 from .preference import PreferenceEmbedding
 from .utils.paths import validate_preference_id
-from .utils.serialization import atomic_directory, read_consistent, resolve_directory, write_json_atomic
+from .utils.serialization import atomic_directory, read_consistent, require_directory, write_json_atomic
 
 
 BANK_INDEX = "bank.json"
@@ -65,8 +65,7 @@ class PreferenceBank:
         """Register the embedding saved at `path`; with `lazy`, it is read (and checked) on first use."""
         self._check_id(preference_id)
         path = Path(path)
-        if not resolve_directory(path).is_dir():
-            raise FileNotFoundError(f"No preference embedding at {path}.")
+        require_directory(path, "preference embedding")
         if not lazy:
             self.add(preference_id, PreferenceEmbedding.from_pretrained(path), overwrite=True)
             return

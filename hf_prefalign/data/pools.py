@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from ..utils.serialization import atomic_directory, read_consistent, resolve_directory
+from ..utils.serialization import atomic_directory, read_consistent, require_directory
 from .prompts import Prompt, context_limit, response_text, tokenize_prompt
 
 
@@ -212,8 +212,7 @@ def save_response_pool(pool: Dataset, path: str | os.PathLike) -> None:
 def load_response_pool(path: str | os.PathLike) -> Dataset:
     """Reload a pool saved with [`save_response_pool`] (no resampling), checking its columns."""
     path = Path(path)
-    if not resolve_directory(path).is_dir():
-        raise FileNotFoundError(f"No response pool at {path}.")
+    require_directory(path, "response pool")
     try:
         dataset = read_consistent(path, lambda folder: load_from_disk(str(folder)))
     except FileNotFoundError as err:

@@ -351,6 +351,17 @@ def read_consistent(path: str | os.PathLike, read: Callable[[Path], T], attempts
     return read(resolve_directory(path))
 
 
+def require_directory(path: str | os.PathLike, what: str) -> Path:
+    """The resolved `path` if it is a folder (re-checked while a writer swaps it), else a `FileNotFoundError`."""
+
+    def check(folder: Path) -> Path:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"No {what} at {path}.")
+        return folder
+
+    return read_consistent(path, check)
+
+
 def _carry_over(source: Path, staged: Path, carry: Callable[[str], bool] | None) -> None:
     """Give the new version the entries of the old one it keeps, as hard links: the old version stays intact (a
     concurrent reader of it misses nothing) and nothing is copied. Where links are refused (some network or FAT
