@@ -12,6 +12,7 @@ import torch
 
 from .hub.transfer import push_folder
 from .preference import PreferenceEmbedding
+from .utils.paths import PREFERENCE_ID_PATTERN as _VALID_ID
 from .utils.paths import validate_preference_id
 from .utils.serialization import atomic_directory, read_consistent, require_directory, write_json_atomic
 
@@ -166,7 +167,10 @@ class PreferenceBank:
                 kept.extend(
                     pid
                     for pid in previous.get("preference_ids", [])
-                    if pid not in embeddings and (directory / pid).is_dir()
+                    if isinstance(pid, str)
+                    and _VALID_ID.fullmatch(pid)
+                    and pid not in embeddings
+                    and (directory / pid).is_dir()
                 )
             for preference_id, embedding in embeddings.items():
                 embedding.save_pretrained(tmp / preference_id)

@@ -11,13 +11,13 @@ import re
 import unicodedata
 
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+PREFERENCE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 _SEGMENT = re.compile(r"[A-Za-z0-9_.\-][A-Za-z0-9_.\- ]*")
 
 
 def validate_preference_id(preference_id: object) -> str:
     """`preference_id` if it is 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit."""
-    if not isinstance(preference_id, str) or not _ID.fullmatch(preference_id) or preference_id in (".", ".."):
+    if not isinstance(preference_id, str) or not PREFERENCE_ID_PATTERN.fullmatch(preference_id):
         raise ValueError(
             f"Invalid preference id {preference_id!r}: use 1-128 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit."
@@ -47,4 +47,4 @@ def validate_relative_path(value: object, what: str = "subfolder") -> str:
     return "/".join(segments)
 
 
-__all__ = ["validate_preference_id", "validate_relative_path"]
+__all__ = ["PREFERENCE_ID_PATTERN", "validate_preference_id", "validate_relative_path"]
