@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -13,11 +12,12 @@ import torch
 
 from .hub.transfer import push_folder
 from .preference import PreferenceEmbedding
-from .utils.serialization import atomic_directory, write_json_atomic
+from .utils.paths import PREFERENCE_ID_PATTERN as _VALID_ID
+from .utils.paths import validate_preference_id
+from .utils.serialization import atomic_directory, read_consistent, require_directory, write_json_atomic
 
 
 BANK_INDEX = "bank.json"
-_VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
 class PreferenceBank:
@@ -50,11 +50,7 @@ class PreferenceBank:
     # ------------------------------------------------------------------
     @staticmethod
     def _check_id(preference_id: str) -> None:
-        if not isinstance(preference_id, str) or not _VALID_ID.match(preference_id):
-            raise ValueError(
-                f"Invalid preference id {preference_id!r}: use 1-128 letters, digits, '_', '-' or '.', "
-                "starting with a letter or digit."
-            )
+        validate_preference_id(preference_id)
 
     def add(self, preference_id: str, embedding: PreferenceEmbedding, overwrite: bool = False) -> None:
         """Register `embedding` under `preference_id` after checking it belongs to this backbone."""
@@ -70,8 +66,7 @@ class PreferenceBank:
         """Register the embedding saved at `path`; with `lazy`, it is read (and checked) on first use."""
         self._check_id(preference_id)
         path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"No preference embedding at {path}.")
+        require_directory(path, "preference embedding")
         if not lazy:
             self.add(preference_id, PreferenceEmbedding.from_pretrained(path), overwrite=True)
             return
@@ -148,24 +143,46 @@ class PreferenceBank:
     # ------------------------------------------------------------------
     # Saving and loading
     # ------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write every user to `directory/<id>/` plus a `bank.json` index (users already on disk are copied)."""
+    def save(self, directory: str | os.PathLike, merge: bool = True) -> None:
+        """Write every user to `directory/<id>/` plus a `bank.json` index (users already on disk are copied).
+
+        The bank folder is replaced whole ([`atomic_directory`]) under a file lock: after a kill -9 a reader finds the
+        old bank or the new one, and two processes saving into one folder lose no user.
+
+        Args:
+            merge (`bool`, *optional*, defaults to `True`): keep the users already saved in `directory` (for this
+                backbone) that this bank does not hold; with `False`, `directory` ends up with exactly this bank.
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for preference_id in self.ids():
-            target = directory / preference_id
-            embedding = self.get(preference_id)
-            with atomic_directory(target) as tmp:
-                embedding.save_pretrained(tmp)
-        write_json_atomic(
-            {
-                "fingerprint": self.fingerprint,
-                "latent_dim": self.latent_dim,
-                "feature_dim": self.feature_dim,
-                "preference_ids": self.ids(),
-            },
-            directory / BANK_INDEX,
-        )
+        ids = self.ids()
+        embeddings = {preference_id: self.get(preference_id) for preference_id in ids}  # read before the swap
+        kept: list[str] = []
+
+        def carry(name: str) -> bool:
+            return name in kept
+
+        with atomic_directory(directory, carry=carry) as tmp:
+            previous = _read_index(directory) if (directory / BANK_INDEX).is_file() else None
+            if merge and previous is not None and previous.get("fingerprint") == self.fingerprint:
+                kept.extend(
+                    pid
+                    for pid in previous.get("preference_ids", [])
+                    if isinstance(pid, str)
+                    and _VALID_ID.fullmatch(pid)
+                    and pid not in embeddings
+                    and (directory / pid).is_dir()
+                )
+            for preference_id, embedding in embeddings.items():
+                embedding.save_pretrained(tmp / preference_id)
+            write_json_atomic(
+                {
+                    "fingerprint": self.fingerprint,
+                    "latent_dim": self.latent_dim,
+                    "feature_dim": self.feature_dim,
+                    "preference_ids": sorted([*ids, *kept]),
+                },
+                tmp / BANK_INDEX,
+            )
 
     def push_to_hub(
         self,
@@ -190,10 +207,7 @@ class PreferenceBank:
     def load(self, directory: str | os.PathLike, lazy: bool = True) -> list[str]:
         """Register every user of a bank saved with [`~PreferenceBank.save`]; returns their ids."""
         directory = Path(directory)
-        index_file = directory / BANK_INDEX
-        if not index_file.is_file():
-            raise FileNotFoundError(f"No preference bank at {directory}: {BANK_INDEX} is missing.")
-        index = json.loads(index_file.read_text(encoding="utf-8"))
+        index = read_consistent(directory, _read_index)
         if index.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"The bank at {directory} was built for another backbone (fingerprint "
@@ -201,8 +215,23 @@ class PreferenceBank:
             )
         ids = list(index.get("preference_ids", []))
         for preference_id in ids:
+            self._check_id(preference_id)  # an id from a file names a folder: validate it before any read
+        for preference_id in ids:
             self.add_from_directory(preference_id, directory / preference_id, lazy=lazy)
         return ids
+
+
+def _read_index(directory: Path) -> dict:
+    index_file = directory / BANK_INDEX
+    if not index_file.is_file():
+        raise FileNotFoundError(f"No preference bank at {directory}: {BANK_INDEX} is missing.")
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise OSError(f"{index_file} is not valid JSON ({err}); the bank index is corrupt.") from err
+    if not isinstance(index, dict) or not isinstance(index.get("preference_ids", []), list):
+        raise OSError(f"{index_file} is not a bank index (expected an object with a `preference_ids` list).")
+    return index
 
 
 __all__ = ["PreferenceBank"]

@@ -17,10 +17,22 @@ from .hub.model_card import looks_like_repo_id, preference_card, write_card
 from .hub.transfer import pull_folder, push_folder
 from .modeling.distributions import DiagonalGaussian
 from .utils.constants import CONFIG_NAME, README_NAME, WEIGHTS_NAME
-from .utils.serialization import load_tensors, save_tensors_atomic, write_json_atomic
+from .utils.paths import validate_relative_path
+from .utils.serialization import (
+    IntegrityError,
+    atomic_directory,
+    read_consistent,
+    read_tensors,
+    resolve_directory,
+    save_tensors_atomic,
+    sha256_file,
+    write_json_atomic,
+)
 
 
 PREFERENCE_TYPE = "prefalign-preference-embedding"
+WEIGHTS_CHECKSUM_KEY = "weights_sha256"
+_OWNED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, README_NAME})
 
 
 @dataclass
@@ -118,19 +130,23 @@ class PreferenceEmbedding(nn.Module):
     # Saving and loading
     # ------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, repo_id: str | None = None) -> None:
-        """Write `model.safetensors`, `README.md` (a generated card) and `config.json`, each to a temporary name first,
-        the config last (a folder with a config is complete)."""
+        """Write `model.safetensors`, `README.md` (a generated card) and `config.json` (with the weights' sha256).
+
+        The folder is replaced whole ([`atomic_directory`]): a reader, even after a kill -9, sees the old embedding
+        or the new one, never new weights under an old config. Other files in the folder are kept.
+        """
         save_directory = Path(save_directory)
         if save_directory.is_file():
             raise ValueError(f"save_directory ({save_directory}) must be a directory, not a file.")
-        save_directory.mkdir(parents=True, exist_ok=True)
         metadata = {"format": "pt", "backbone_fingerprint": self.config.backbone_fingerprint}
-        save_tensors_atomic(
-            {name: p.detach() for name, p in self.named_parameters()}, save_directory / WEIGHTS_NAME, metadata
-        )
-        size = (save_directory / WEIGHTS_NAME).stat().st_size
-        write_card(preference_card, save_directory / README_NAME, self, repo_id=repo_id, size_bytes=size)
-        write_json_atomic(asdict(self.config), save_directory / CONFIG_NAME)
+        with atomic_directory(save_directory, carry=lambda name: name not in _OWNED_FILES) as tmp:
+            save_tensors_atomic(
+                {name: p.detach() for name, p in self.named_parameters()}, tmp / WEIGHTS_NAME, metadata
+            )
+            size = (tmp / WEIGHTS_NAME).stat().st_size
+            write_card(preference_card, tmp / README_NAME, self, repo_id=repo_id, size_bytes=size)
+            config = {**asdict(self.config), WEIGHTS_CHECKSUM_KEY: sha256_file(tmp / WEIGHTS_NAME)}
+            write_json_atomic(config, tmp / CONFIG_NAME)
 
     def push_to_hub(
         self,
@@ -167,22 +183,31 @@ class PreferenceEmbedding(nn.Module):
         local_files_only: bool = False,
     ) -> PreferenceEmbedding:
         """Load a preference embedding from a local directory or a Hub repo (only `subfolder` is downloaded when
-        given; `HF_HUB_OFFLINE` reads the cache only)."""
+        given; `HF_HUB_OFFLINE` reads the cache only).
+
+        Verified before use: the weights' sha256 recorded in the config, their content checksum, finite values, and
+        that weights and config name the same backbone. `subfolder` must be a relative path inside `path`.
+        """
+        if subfolder is not None:
+            subfolder = validate_relative_path(subfolder, "subfolder")
         local = Path(path) / subfolder if subfolder else Path(path)
-        if local.is_dir():
-            path = local
-        elif Path(path).exists() or not looks_like_repo_id(str(path)):
-            raise FileNotFoundError(f"No preference embedding at {local}: no such directory (nor a Hub repo id).")
-        else:
-            path = pull_folder(
-                str(path),
-                subfolder=subfolder,
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                what="preference embedding",
-            )
+        if resolve_directory(local).is_dir() or Path(path).exists() or not looks_like_repo_id(str(path)):
+            return read_consistent(local, cls._load_local)
+        folder = pull_folder(
+            str(path),
+            subfolder=subfolder,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            what="preference embedding",
+        )
+        return cls._load_local(folder)
+
+    @classmethod
+    def _load_local(cls, path: Path) -> PreferenceEmbedding:
+        if not path.is_dir():
+            raise FileNotFoundError(f"No preference embedding at {path}: no such directory (nor a Hub repo id).")
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"No preference embedding at {path}: {CONFIG_NAME} is missing.")
@@ -190,13 +215,28 @@ class PreferenceEmbedding(nn.Module):
             raw = json.loads(config_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise OSError(f"{config_file} is not valid JSON ({err}); the preference embedding is corrupt.") from err
+        if not isinstance(raw, dict):
+            raise OSError(f"{config_file} does not hold a JSON object; the preference embedding is corrupt.")
         config = PreferenceEmbeddingConfig.from_dict(raw, source=str(path))
+        weights = path / WEIGHTS_NAME
+        expected = raw.get(WEIGHTS_CHECKSUM_KEY)
+        if expected is not None and weights.is_file() and sha256_file(weights) != expected:
+            raise IntegrityError(
+                f"{weights} does not match the sha256 recorded in {config_file} ({str(expected)[:12]}...): the "
+                "weights were altered, damaged or come from another save. Save or download the embedding again."
+            )
+        tensors, metadata = read_tensors(weights)
+        recorded = metadata.get("backbone_fingerprint")
+        if recorded is not None and recorded != config.backbone_fingerprint:
+            raise IntegrityError(
+                f"{weights} was saved for backbone {recorded[:12]} but {config_file} names "
+                f"{config.backbone_fingerprint[:12]}: the folder mixes two saves. Save the embedding again."
+            )
         embedding = cls(config)
-        tensors = load_tensors(path / WEIGHTS_NAME)
         own = dict(embedding.named_parameters())
         if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
             raise OSError(
-                f"{path / WEIGHTS_NAME} does not match its config (found {sorted(tensors)} with shapes "
+                f"{weights} does not match its config (found {sorted(tensors)} with shapes "
                 f"{[tuple(t.shape) for t in tensors.values()]}); the preference embedding is corrupt."
             )
         embedding.load_state_dict(tensors)

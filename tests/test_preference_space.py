@@ -97,7 +97,7 @@ def test_overlong_instructed_prompts_are_truncated_with_a_count(caplog):
         )
         hf_logging.disable_propagation()
     assert len(pool[0]["responses"]) == 2
-    assert "2 prompt(s) exceeded max_prompt_length=16" in caplog.text
+    assert "2 prompt(s) exceeded 16 tokens (max_prompt_length=16" in caplog.text
 
 
 # ----------------------------------------------------------------------

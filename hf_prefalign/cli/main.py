@@ -9,6 +9,7 @@ usage errors, 1 for failures); tracebacks are for bugs.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -115,29 +116,61 @@ def _parse(command: str, dataclass_types: tuple, argv: list[str]) -> tuple:
     parser = HfArgumentParser(dataclass_types, prog=f"hf-prefalign {command}", description=COMMANDS[command])
     parser.add_argument("--config", help="A YAML file of settings; command-line flags override it.")
     config_path = None
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv):
-            parser.error("--config needs a file")
-        config_path = argv[index + 1]
-        argv = argv[:index] + argv[index + 2 :]
-    if config_path:
+    for index, arg in enumerate(argv):
+        if arg == "--config":
+            if index + 1 >= len(argv):
+                parser.error("--config needs a file")
+            config_path, argv = argv[index + 1], argv[:index] + argv[index + 2 :]
+            break
+        if arg.startswith("--config="):
+            config_path, argv = arg.split("=", 1)[1], argv[:index] + argv[index + 1 :]
+            break
+    if config_path is not None:
         import yaml
 
         path = Path(config_path)
         if not path.is_file():
             parser.error(f"the config file {config_path} does not exist")
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            parser.error(f"{config_path} is not valid YAML: {' '.join(str(err).split())}")
+        if not isinstance(values, dict):
+            parser.error(f"{config_path} must hold a mapping of settings (key: value), not {type(values).__name__}")
         known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(map(str, set(values) - known))
         if unknown:
             parser.error(f"unknown keys in {config_path}: {', '.join(unknown)}")
         parser.set_defaults(**values)
         for action in parser._actions:  # a value from the file satisfies a required flag
             if action.dest in values:
                 action.required = False
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # unknown flags; a dataclass' __post_init__ refusing a value
+        if "not used by the HfArgumentParser" in str(err):
+            raise UsageError(f"unrecognized arguments: {str(err).split(':', 1)[1].strip()}") from err
+        raise UsageError(str(err)) from err
+    except TypeError as err:  # a value of the wrong type from the config file
+        raise UsageError(f"invalid setting: {err}") from err
     # The `--config` flag itself comes back as an extra namespace after the dataclasses: drop it.
-    return tuple(parser.parse_args_into_dataclasses(args=argv)[: len(dataclass_types)])
+    return tuple(parsed[: len(dataclass_types)])
+
+
+def _check_reference(path: str, what: str) -> None:
+    """A reference that is neither an existing folder nor of the form owner/name is a missing local folder."""
+    from hf_prefalign.hub.model_card import looks_like_repo_id
+
+    if not Path(path).exists() and (not looks_like_repo_id(path) or path.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"No {what} at {path}: no such folder (nor a Hub repo id 'owner/name').")
+
+
+def _resume(config) -> None:
+    """`--resume_from_checkpoint PATH|true`: checked now (a missing path is an error, never a fresh start)."""
+    from hf_prefalign.trainer.checkpoints import resolve_resume
+
+    value = getattr(config, "resume_from_checkpoint", None)
+    config.resume_from_checkpoint = resolve_resume(value, config.output_dir) if value else None
 
 
 def _load_backbone(path: str):
@@ -145,6 +178,7 @@ def _load_backbone(path: str):
 
     from hf_prefalign import PrefAlignForCausalLM
 
+    _check_reference(path, "backbone")
     model = PrefAlignForCausalLM.from_pretrained(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -169,6 +203,26 @@ def _load_base(name: str):
     return load_base_model(name), AutoTokenizer.from_pretrained(name)
 
 
+def _check_json(path: Path) -> None:
+    """A JSON array/object or JSON lines; a `ValueError` names the file and the first bad line (datasets would log
+    its own parser's error and raise a generic one)."""
+    import json
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError:
+            pass  # datasets also reads JSON lines from a .json file
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON lines: line {number}: {err.msg}") from err
+
+
 def _load_dataset(source: str, split: str = "train"):
     """A dataset from a .json/.jsonl file, a saved dataset folder, or a Hub dataset id."""
     from datasets import Dataset, load_dataset, load_from_disk
@@ -179,6 +233,7 @@ def _load_dataset(source: str, split: str = "train"):
     if path.suffix in (".json", ".jsonl"):
         if not path.is_file():
             raise FileNotFoundError(f"No such file: {path}")
+        _check_json(path)
         return Dataset.from_json(str(path))
     if path.exists() or "/" not in source:
         raise FileNotFoundError(
@@ -235,6 +290,7 @@ def _clap(argv: list[str]) -> int:
     from hf_prefalign import CLaPConfig, CLaPTrainer, PrefAlignForCausalLM, load_response_pool
 
     args, config = _parse("clap", (ClapArguments, CLaPConfig), argv)
+    _resume(config)
     pool = load_response_pool(args.pool)
     eval_pool = None
     if args.eval_fraction > 0:
@@ -245,7 +301,7 @@ def _clap(argv: list[str]) -> int:
     trainer = CLaPTrainer(
         model=model, args=config, train_dataset=pool, eval_dataset=eval_pool, processing_class=tokenizer
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     # Refinement is how the trained backbone encodes (caches, evaluation), as measured in docs/clap.md.
     model.config.posterior_refinement_steps = args.posterior_refinement_steps
     model.config.posterior_refinement_step_size = args.posterior_refinement_step_size
@@ -262,6 +318,7 @@ def _align(argv: list[str]) -> int:
     from hf_prefalign.scorers import get_scorer
 
     args, config = _parse("align", (AlignArguments, LatentDPOConfig), argv)
+    _resume(config)
     if (args.dataset is None) == (args.scorer is None):
         raise UsageError("give either --dataset (a preference dataset) or --scorer with --pool")
     if args.scorer is not None:
@@ -272,7 +329,7 @@ def _align(argv: list[str]) -> int:
         dataset = _load_dataset(args.dataset, args.dataset_split)
     model, tokenizer = _load_backbone(args.backbone)
     trainer = LatentDPOTrainer(model, config, train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_preference(config.output_dir)
     print(f"saved the preference embedding ({trainer.num_pairs} pairs) to {config.output_dir}")
     return 0
@@ -332,8 +389,11 @@ def _pull(argv: list[str]) -> int:
     import shutil
 
     from hf_prefalign.hub.transfer import pull_folder
+    from hf_prefalign.utils.paths import validate_relative_path
 
     (args,) = _parse("pull", (HubArguments,), argv)
+    if args.subfolder is not None:
+        validate_relative_path(args.subfolder, "--subfolder")  # before anything is downloaded or copied
     folder = pull_folder(args.repo_id, subfolder=args.subfolder, revision=args.revision, token=args.token)
     shutil.copytree(folder, args.path, dirs_exist_ok=True)
     print(f"pulled {args.repo_id}{'/' + args.subfolder if args.subfolder else ''} into {args.path}")
@@ -359,6 +419,7 @@ _HINTS = {
     OSError: "check the path or Hub repo id and your network/token",
     ValueError: "check the arguments against `--help`",
 }
+_DEFAULT_HINT = "check the inputs; rerun with HF_PREFALIGN_DEBUG=1 for the full traceback"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -387,10 +448,17 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"hf-prefalign {command}: error: {err}\nhint: see `hf-prefalign {command} --help`", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, KeyError, ImportError, OSError, ValueError) as err:
+    except KeyboardInterrupt:
+        print(f"hf-prefalign {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line and a hint, never a traceback (HF_PREFALIGN_DEBUG=1 shows it)
+        if os.environ.get("HF_PREFALIGN_DEBUG"):
+            raise
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        hint = next(h for kind, h in _HINTS.items() if isinstance(err, kind))
-        print(f"hf-prefalign {command}: error: {message.splitlines()[0]}\nhint: {hint}", file=sys.stderr)
+        first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+        hint = next((h for kind, h in _HINTS.items() if isinstance(err, kind)), _DEFAULT_HINT)
+        label = first if isinstance(err, tuple(_HINTS)) else f"{type(err).__name__}: {first}"
+        print(f"hf-prefalign {command}: error: {label}\nhint: {hint}", file=sys.stderr)
         return 1
 
 

@@ -21,13 +21,61 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from ..modeling.modeling_prefalign import PrefAlignForCausalLM
-from ..utils.serialization import load_tensors, save_tensors_atomic, write_json_atomic
-from .prompts import is_conversational, render_prompt, response_text, tokenize_prompt, tokenize_response
+from ..utils.serialization import (
+    IntegrityError,
+    atomic_directory,
+    read_consistent,
+    read_tensors,
+    save_tensors_atomic,
+    sha256_file,
+    write_json_atomic,
+)
+from .prompts import (
+    context_limit,
+    is_conversational,
+    render_prompt,
+    response_text,
+    tokenize_prompt,
+    tokenize_response,
+)
 
 
 logger = logging.get_logger(__name__)
 
 PAIR_COLUMNS = ("features", "chosen_mean", "chosen_logvar", "rejected_mean", "rejected_logvar")
+CACHE_INDEX = "index.json"
+CACHE_TENSORS = "latents.safetensors"
+KEY_FORMAT = "sha256-json-v2"
+
+
+def _read_cache(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The entries of a saved cache (none if there is no cache yet), checked; an `OSError` names a damaged file."""
+    index_file = directory / CACHE_INDEX
+    if not index_file.is_file():
+        return {}, {}
+    hint = f"Delete {directory} to rebuild the cache."
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise OSError(f"The latent cache index {index_file} is not valid JSON ({err}). {hint}") from err
+    if not isinstance(index, dict) or not all(isinstance(index.get(k), list) for k in ("prompts", "responses")):
+        raise OSError(f"The latent cache index {index_file} lacks its `prompts` / `responses` lists. {hint}")
+    tensors_file = directory / CACHE_TENSORS
+    expected = index.get("latents_sha256")
+    if expected is not None and tensors_file.is_file() and sha256_file(tensors_file) != expected:
+        raise IntegrityError(f"{tensors_file} does not match the sha256 recorded in {index_file}. {hint}")
+    tensors, _ = read_tensors(tensors_file)
+    prompts, responses = tensors.get("prompt_features"), tensors.get("response_posteriors")
+    if prompts is None or responses is None:
+        raise OSError(f"{tensors_file} lacks `prompt_features` / `response_posteriors`. {hint}")
+    if len(index["prompts"]) != len(prompts) or len(index["responses"]) != len(responses):
+        raise OSError(
+            f"The latent cache at {directory} is inconsistent: {index_file} lists {len(index['prompts'])} prompts and "
+            f"{len(index['responses'])} responses, {tensors_file} holds {len(prompts)} and {len(responses)}. {hint}"
+        )
+    if index.get("key_format") != KEY_FORMAT:
+        return {}, {}  # keys of an older format never match the current ones: start afresh, nothing is lost
+    return dict(zip(index["prompts"], prompts, strict=True)), dict(zip(index["responses"], responses, strict=True))
 
 
 def normalize_preference_dataset(dataset: Dataset, name: str = "train") -> tuple[list[Any], list[str], list[str]]:
@@ -93,39 +141,62 @@ class LatentCache:
         self._prompts: dict[str, torch.Tensor] = {}
         self._responses: dict[str, torch.Tensor] = {}  # key -> (2, Z): mean, logvar
         self.encoder_sequences = 0  # how many sequences the encoder has read (cache misses)
+        # Longest sequence the encoder can read: its queries take positions after the text's.
+        limit = context_limit(model.config.text_config)
+        self.max_tokens = None if limit is None else max(2, limit - model.config.num_encoder_queries)
         self._load()
 
     # Keys -------------------------------------------------------------
+    @staticmethod
+    def _key(*parts: str) -> str:
+        # A JSON list, not a separator join: ("a\x00b", "c") and ("a", "b\x00c") get different keys.
+        return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
+
     def _prompt_key(self, prompt: Any) -> str:
-        return hashlib.sha1(render_prompt(self.tokenizer, prompt).encode()).hexdigest()
+        return self._key("prompt", render_prompt(self.tokenizer, prompt))
 
     def _response_key(self, prompt: Any, response: str) -> str:
-        text = render_prompt(self.tokenizer, prompt) + "\x00" + response
-        return hashlib.sha1(text.encode()).hexdigest()
+        return self._key("response", render_prompt(self.tokenizer, prompt), response)
 
     # Disk -------------------------------------------------------------
     def _load(self) -> None:
-        if self.directory is None or not (self.directory / "index.json").is_file():
+        if self.directory is None:
             return
-        index = json.loads((self.directory / "index.json").read_text(encoding="utf-8"))
-        tensors = load_tensors(self.directory / "latents.safetensors")
-        self._prompts = dict(zip(index["prompts"], tensors["prompt_features"], strict=True))
-        self._responses = dict(zip(index["responses"], tensors["response_posteriors"], strict=True))
+        prompts, responses = read_consistent(self.directory, _read_cache)
+        self._prompts = {**prompts, **self._prompts}
+        self._responses = {**responses, **self._responses}
 
     def save(self) -> None:
+        """Write the cache, merged with what other processes saved meanwhile (under a file lock, atomically)."""
         if self.directory is None:
             return
         feature_dim = self.model.config.text_config.hidden_size
         latent_dim = self.model.config.latent_dim
-        prompts = torch.stack(list(self._prompts.values())) if self._prompts else torch.zeros(0, feature_dim)
-        responses = torch.stack(list(self._responses.values())) if self._responses else torch.zeros(0, 2, latent_dim)
-        save_tensors_atomic(
-            {"prompt_features": prompts, "response_posteriors": responses}, self.directory / "latents.safetensors"
-        )
-        write_json_atomic(
-            {"fingerprint": self.fingerprint, "prompts": list(self._prompts), "responses": list(self._responses)},
-            self.directory / "index.json",
-        )
+        with atomic_directory(self.directory) as tmp:
+            try:
+                on_disk = _read_cache(self.directory)  # under the lock: nobody writes it now
+            except OSError as err:  # a damaged cache is replaced by this one, not merged
+                logger.warning(f"Replacing the damaged latent cache at {self.directory}: {err}")
+                on_disk = ({}, {})
+            for key, value in on_disk[0].items():
+                self._prompts.setdefault(key, value)
+            for key, value in on_disk[1].items():
+                self._responses.setdefault(key, value)
+            prompts = torch.stack(list(self._prompts.values())) if self._prompts else torch.zeros(0, feature_dim)
+            responses = (
+                torch.stack(list(self._responses.values())) if self._responses else torch.zeros(0, 2, latent_dim)
+            )
+            save_tensors_atomic({"prompt_features": prompts, "response_posteriors": responses}, tmp / CACHE_TENSORS)
+            write_json_atomic(
+                {
+                    "fingerprint": self.fingerprint,
+                    "key_format": KEY_FORMAT,
+                    "prompts": list(self._prompts),
+                    "responses": list(self._responses),
+                    "latents_sha256": sha256_file(tmp / CACHE_TENSORS),
+                },
+                tmp / CACHE_INDEX,
+            )
 
     # Encoding ---------------------------------------------------------
     def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,11 +220,20 @@ class LatentCache:
             return
         was_training = self.model.training
         self.model.eval()
+        limit, truncated = self.max_tokens, 0
+
+        def fit(ids: list[int]) -> list[int]:
+            nonlocal truncated
+            if limit is None or len(ids) <= limit:
+                return ids
+            truncated += 1
+            return ids[-limit:]  # the end of a prompt (the question, the generation prompt) matters most
+
         progress = tqdm(total=total, desc="Encoding prompts and responses", unit="seq")
         items = list(todo_prompts.items())
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            ids, mask = self._pad([tokenize_prompt(self.tokenizer, p) for _, p in chunk])
+            ids, mask = self._pad([fit(tokenize_prompt(self.tokenizer, p)) for _, p in chunk])
             features = self.model.prompt_features(ids, mask).cpu()
             for (key, _), feature in zip(chunk, features, strict=True):
                 self._prompts[key] = feature
@@ -161,13 +241,17 @@ class LatentCache:
         items = list(todo_responses.items())
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            prompt_ids = [tokenize_prompt(self.tokenizer, p) for _, (p, _) in chunk]
-            ids, mask = self._pad(
-                [
-                    prompt + tokenize_response(self.tokenizer, r)
-                    for prompt, (_, (_, r)) in zip(prompt_ids, chunk, strict=True)
-                ]
-            )
+            prompt_ids, sequences = [], []
+            for _, (p, r) in chunk:
+                prompt, response = tokenize_prompt(self.tokenizer, p), tokenize_response(self.tokenizer, r)
+                if limit is not None and len(prompt) + len(response) > limit:
+                    truncated += 1
+                    # Keep the response's start and the prompt's end (at least half the context, when it is long).
+                    response = response[: limit - min(len(prompt), limit // 2)]
+                    prompt = prompt[max(0, len(prompt) - (limit - len(response))) :]
+                prompt_ids.append(prompt)
+                sequences.append(prompt + response)
+            ids, mask = self._pad(sequences)
             response_mask = mask.clone()
             for row, prompt in enumerate(prompt_ids):
                 response_mask[row, : len(prompt)] = 0  # right padding: the prompt comes first
@@ -177,6 +261,10 @@ class LatentCache:
                 self._responses[key] = value
             progress.update(len(chunk))
         progress.close()
+        if truncated:
+            logger.warning(
+                f"{truncated} text(s) exceed the backbone's context of {limit} tokens and were truncated before encoding."
+            )
         self.encoder_sequences += total
         self.model.train(was_training)
         self.save()

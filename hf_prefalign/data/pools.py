@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from ..utils.serialization import atomic_directory
-from .prompts import Prompt, response_text, tokenize_prompt
+from ..utils.serialization import atomic_directory, read_consistent, require_directory
+from .prompts import Prompt, context_limit, response_text, tokenize_prompt
 
 
 logger = logging.get_logger(__name__)
@@ -186,9 +186,18 @@ def build_response_pool(
     device = next(model.parameters()).device
     responses: list[list[str]] = []
     instructions: list[list[str]] = []
-    truncated = 0
     start = time.perf_counter()
     num_batches = (len(prompts) + config.batch_size - 1) // config.batch_size
+    limit = context_limit(getattr(model.config, "text_config", None) or model.config)
+    room = None if limit is None else limit - config.max_new_tokens
+    if room is not None and room < 1:
+        raise ValueError(
+            f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the model's context of {limit} "
+            "tokens; lower `max_new_tokens`."
+        )
+    # Longer prompts keep their end (the question and the generation prompt).
+    keep = config.max_prompt_length if room is None else min(config.max_prompt_length, room)
+    truncated = 0
     with context:
         for batch_index in tqdm(range(num_batches), desc="Sampling responses", unit="batch"):
             first = batch_index * config.batch_size
@@ -201,8 +210,8 @@ def build_response_pool(
             for prompt, group in zip(rows, chosen, strict=True):
                 for instruction in group:
                     ids = tokenize_prompt(tokenizer, instructed_prompt(prompt, instruction))
-                    if len(ids) > config.max_prompt_length:
-                        ids, truncated = ids[-config.max_prompt_length :], truncated + 1
+                    if len(ids) > keep:
+                        ids, truncated = ids[-keep:], truncated + 1
                     encoded.append(ids)
             width = max(len(ids) for ids in encoded)
             # Left padding: every row's last prompt token sits at the same column, where generation starts.
@@ -231,8 +240,9 @@ def build_response_pool(
     model.train(was_training)
     if truncated:
         logger.warning(
-            f"{truncated} prompt(s) exceeded max_prompt_length={config.max_prompt_length} tokens and kept their last "
-            "tokens."
+            f"{truncated} prompt(s) exceeded {keep} tokens (max_prompt_length={config.max_prompt_length}, the "
+            f"model's context of {limit} minus max_new_tokens={config.max_new_tokens}) and were truncated (their "
+            "start was cut)."
         )
     seconds = time.perf_counter() - start
     total = len(prompts) * config.num_responses
@@ -299,7 +309,8 @@ def as_response_pool(dataset: Dataset) -> Dataset:
 
 
 def save_response_pool(pool: Dataset, path: str | os.PathLike) -> None:
-    """`save_to_disk`, into a temporary folder renamed into place (an interrupted save leaves no partial pool)."""
+    """`save_to_disk` into a staging folder that replaces `path` whole once complete ([`atomic_directory`]): after a
+    kill -9 the folder holds the old pool or the new one, never a mix of their data files."""
     with atomic_directory(path) as tmp:
         pool.save_to_disk(str(tmp))
 
@@ -307,9 +318,12 @@ def save_response_pool(pool: Dataset, path: str | os.PathLike) -> None:
 def load_response_pool(path: str | os.PathLike) -> Dataset:
     """Reload a pool saved with [`save_response_pool`] (no resampling), checking its columns."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"No response pool at {path}.")
-    return as_response_pool(load_from_disk(str(path)))
+    require_directory(path, "response pool")
+    try:
+        dataset = read_consistent(path, lambda folder: load_from_disk(str(folder)))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"No response pool at {path}: it is not a saved dataset ({err}).") from err
+    return as_response_pool(dataset)
 
 
 __all__ = [

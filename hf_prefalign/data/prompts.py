@@ -58,6 +58,15 @@ def response_text(response: Any) -> str:
     raise TypeError(f"A response must be a string or a list of chat messages, got {type(response).__name__}.")
 
 
+def context_limit(config: Any) -> int | None:
+    """The most positions a model config allows (`max_position_embeddings`, GPT-2's `n_positions`, ...), if known."""
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_bundled_prompts() -> Dataset:
     """The bundled chat prompt set: 360 short open-ended user prompts in TRL's conversational format, with a
     `category` column. The last 10% are meant as a held-out split."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +60,13 @@ if TYPE_CHECKING:
 
 
 logger = logging.get_logger(__name__)
+
+# Models inside `disable_latent()` in the current thread / context (by id): a per-thread switch, not a model-wide one.
+_LATENT_DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "prefalign_latent_disabled", default=frozenset()
+)
+# What `save_pretrained` writes; anything else in the folder is carried over when it is overwritten.
+_BACKBONE_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, README_NAME, BASE_MODEL_SUBFOLDER})
 
 # Prefixes of the parameters that belong to the latent modules (what a frozen-base backbone saves).
 LATENT_MODULES = ("latent_encoder", "latent_adapter")
@@ -181,7 +188,6 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             self.latent_adapter.attach(self.language_model, self.layout)
         else:
             self.latent_adapter = LatentAdapter(config)
-        self._latent_enabled = True
         self.post_init()
         if base_model.generation_config is not None:
             self.generation_config = copy.deepcopy(base_model.generation_config)
@@ -335,14 +341,22 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
+    @property
+    def _latent_enabled(self) -> bool:
+        return id(self) not in _LATENT_DISABLED.get()
+
     @contextlib.contextmanager
     def disable_latent(self) -> Iterator[None]:
-        """Context manager in which the model runs as its plain base LM (no prefix at all)."""
-        previous, self._latent_enabled = self._latent_enabled, False
+        """Context manager in which the model runs as its plain base LM (no prefix at all).
+
+        It holds for the calling thread (and asyncio task) only: a thread sampling a pool inside it never strips the
+        user prefix from the generations of other threads sharing the model.
+        """
+        token = _LATENT_DISABLED.set(_LATENT_DISABLED.get() | {id(self)})
         try:
             yield
         finally:
-            self._latent_enabled = previous
+            _LATENT_DISABLED.reset(token)
 
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Raise a `ValueError` if `tokenizer` cannot belong to the base model."""
@@ -810,7 +824,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         with_tokenizer: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Save the backbone; every file is written to a temporary name and renamed into place.
+        """Save the backbone into a staging folder that replaces `save_directory` whole, once complete.
 
         A backbone whose base is frozen saves only the latent modules plus a reference to the base (its name or path,
         revision and config), like a PEFT adapter. A backbone whose base has trainable parameters also saves the base,
@@ -835,30 +849,23 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             raise ValueError(f"save_directory ({save_directory}) must be a directory, not a file.")
         if not is_main_process:
             return
-        save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
         save_base = (not self.is_base_frozen) if save_base is None else save_base
-
         latent_tensors = self.latent_state_dict(state_dict)
         metadata = {"format": "pt", "hf_prefalign_version": __version__}
-        save_tensors_atomic(latent_tensors, save_directory / WEIGHTS_NAME, metadata=metadata)
-
-        base_dir = save_directory / BASE_MODEL_SUBFOLDER
-        if save_base:
-            with atomic_directory(base_dir) as tmp:
-                self.language_model.save_pretrained(tmp)
-        elif base_dir.is_dir():
-            # A stale full base from an earlier save would contradict the config written below.
-            shutil.rmtree(base_dir)
-
-        if self.generation_config is not None:
-            write_json_atomic(self.generation_config.to_dict(), save_directory / GENERATION_CONFIG_NAME)
-        write_card(backbone_card, save_directory / README_NAME, self, repo_id=repo_id, with_tokenizer=with_tokenizer)
         config = copy.deepcopy(self.config)
         config.base_included = save_base
         config.architectures = [type(self).__name__]
-        # Written last: a directory with a config.json is a complete checkpoint.
-        write_json_atomic(json.loads(config.to_json_string(use_diff=False)), save_directory / CONFIG_NAME)
+        # The folder is replaced whole (`atomic_directory`): a reader, even after a kill -9, sees the old backbone or
+        # the new one, never new weights under an old config, nor a stale `base_model/`. Files the backbone does not
+        # own (a tokenizer saved beside it, checkpoints of a Trainer's output_dir) are carried over.
+        with atomic_directory(save_directory, carry=lambda name: name not in _BACKBONE_FILES) as tmp:
+            save_tensors_atomic(latent_tensors, tmp / WEIGHTS_NAME, metadata=metadata)
+            if save_base:
+                self.language_model.save_pretrained(tmp / BASE_MODEL_SUBFOLDER)
+            if self.generation_config is not None:
+                write_json_atomic(self.generation_config.to_dict(), tmp / GENERATION_CONFIG_NAME)
+            write_card(backbone_card, tmp / README_NAME, self, repo_id=repo_id, with_tokenizer=with_tokenizer)
+            write_json_atomic(json.loads(config.to_json_string(use_diff=False)), tmp / CONFIG_NAME)
 
     def push_to_hub(
         self,

@@ -15,13 +15,14 @@ from transformers.utils import logging
 
 from ..data.collators import DataCollatorForResponseGroups
 from ..data.pools import PROMPT_COLUMN, RESPONSES_COLUMN, as_response_pool
-from ..data.prompts import tokenize_prompt
+from ..data.prompts import context_limit, tokenize_prompt
 from ..loading import load_default_base
 from ..modeling.hidden_state_encoder import HiddenStateEncoder
 from ..modeling.likelihood import positions_to_score
 from ..modeling.modeling_prefalign import PrefAlignForCausalLM
 from ..utils.constants import BASE_MODEL_SUBFOLDER, EMBEDDED_DEFAULT_BASE, WEIGHTS_NAME
 from ..utils.serialization import load_tensors
+from .checkpoints import resolve_resume
 from .clap_config import CLaPConfig
 from .clap_init import init_latent_space_from_pool
 from .clap_losses import (
@@ -108,7 +109,15 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
                 pad_token_id=processing_class.pad_token_id, max_responses=args.responses_per_step, seed=args.seed
             )
 
-        # Dataset
+        # Dataset: sequences longer than the model's context would index past its position table.
+        limit = context_limit(model.config.text_config)
+        if limit is not None and args.max_length > limit - model.config.num_encoder_queries:
+            logger.warning(
+                f"max_length={args.max_length} exceeds the base model's context ({limit} positions, "
+                f"{model.config.num_encoder_queries} of them for the encoder's queries); using "
+                f"max_length={limit - model.config.num_encoder_queries}."
+            )
+            args.max_length = max(2, limit - model.config.num_encoder_queries)
         if train_dataset is not None:
             train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
         if eval_dataset is not None:
@@ -362,11 +371,12 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         backbone.train(was_training)
         return summary
 
-    def train(self, *args: Any, **kwargs: Any):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        # `True` skips a newest checkpoint that a kill left incomplete; a missing path is an error, not a fresh start.
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         start = time.perf_counter()
-        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
-        init_summary = self._init_latent_space(resuming=bool(resume))
-        output = super().train(*args, **kwargs)
+        init_summary = self._init_latent_space(resuming=bool(resume_from_checkpoint))
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         seconds = time.perf_counter() - start
         dataset = self.train_dataset
         logs = [

@@ -20,6 +20,7 @@ from ..modeling.modeling_prefalign import PrefAlignForCausalLM
 from ..preference import PreferenceEmbedding, PreferenceEmbeddingConfig
 from ..utils.constants import WEIGHTS_NAME
 from ..utils.serialization import load_tensors
+from .checkpoints import resolve_resume
 from .latent_dpo_config import LatentDPOConfig
 from .latent_dpo_loss import latent_dpo_loss
 from .metrics import CollectedMetricsMixin
@@ -204,9 +205,11 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
     # ------------------------------------------------------------------
     # Training bookkeeping, saving and resuming
     # ------------------------------------------------------------------
-    def train(self, *args: Any, **kwargs: Any):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        # `True` skips a newest checkpoint that a kill left incomplete; a missing path is an error, not a fresh start.
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         start = time.perf_counter()
-        output = super().train(*args, **kwargs)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         seconds = time.perf_counter() - start
         embedding: PreferenceEmbedding = self.model
         logs = [log for log in self.state.log_history if "rewards/accuracy" in log]
