@@ -139,7 +139,7 @@ class BenchmarkArguments:
         num_responses (`int`, *optional*): responses per prompt in a sampled pool (default 8, quick 4).
         pool_max_new_tokens (`int`, *optional*): response length in a sampled pool (default 40, quick 10).
         clap_epochs (`float`, *optional*, defaults to 1.0): CLaP epochs when the backbone is trained here.
-        clap_learning_rate (`float`, *optional*, defaults to 5e-4): CLaP learning rate.
+        clap_learning_rate (`float`, *optional*, defaults to 1e-4): CLaP learning rate (`CLaPConfig`'s default).
 
     > Users and training (shared by every method)
 
@@ -206,7 +206,7 @@ class BenchmarkArguments:
         default=None, metadata={"help": "Response length in a sampled pool (default 40, quick 10)."}
     )
     clap_epochs: float = field(default=1.0, metadata={"help": "CLaP epochs when the backbone is trained here."})
-    clap_learning_rate: float = field(default=1e-3, metadata={"help": "CLaP learning rate."})
+    clap_learning_rate: float = field(default=1e-4, metadata={"help": "CLaP learning rate."})
     # Users and shared training settings
     users: list[str] = field(
         default_factory=lambda: ["positive", "negative", "concise"], metadata={"help": "Scorers, one per user."}
@@ -1209,19 +1209,13 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
     else:
         print(f"[2/6] CLaP: training the backbone on {len(train_pool)} prompts")
         backbone = PrefAlignForCausalLM.from_base(
-            setup.load_base(),
-            tokenizer=tokenizer,
-            posterior_init_logvar=-4.0,
-            **({"latent_dim": 8} if args.quick else {}),
+            setup.load_base(), tokenizer=tokenizer, **({"latent_dim": 8} if args.quick else {})
         )
-        clap_args = CLaPConfig(  # the recipe of the best CLaP run so far (docs/clap.md, run 7)
+        clap_args = CLaPConfig(  # the library's defaults (docs/preference_space.md), PCA start included
             output_dir=str(work / "clap-trainer"),
             learning_rate=args.clap_learning_rate,
-            encoder_blocks_learning_rate=args.clap_learning_rate / 10,
-            kl_warmup_steps=0.5,
             num_train_epochs=args.clap_epochs,
             responses_per_step=4 if args.quick else 8,
-            contrastive_num_negatives=1,
             save_strategy="no",
             logging_steps=5,
             seed=args.seed,

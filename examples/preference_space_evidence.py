@@ -17,7 +17,7 @@ One script, library defaults throughout (`PrefAlignForCausalLM.from_base`, `Resp
 6. Test: every user, method and control on the test prompts x samples, same seeds: reward mean +- SE, gain over the
    base in SEs and in base SDs, perplexity under the base, distinct-2; neutral greedy output vs the base's.
 
-    python examples/preference_space_evidence.py [--work-dir outputs/preference_space] [--output docs/preference_space]
+    python examples/preference_space_evidence.py [--work-dir outputs/preference_space] [--output docs/preference_space/results]
 
 Stages already on disk under --work-dir (pools, backbones) are reused. Writes `<output>.json` and `<output>.md`.
 """
@@ -370,7 +370,7 @@ def pick_within_budget(curve: list[dict], base_ppl: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="outputs/preference_space")
-    parser.add_argument("--output", default="docs/preference_space")
+    parser.add_argument("--output", default="docs/preference_space/results")
     parser.add_argument("--train-prompts", type=int, default=128)
     parser.add_argument("--probe-prompts", type=int, default=24)
     parser.add_argument("--val-prompts", type=int, default=16)
