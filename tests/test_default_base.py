@@ -53,7 +53,8 @@ def test_latent_modules_fit_the_parameter_budget(default_base):
 @pytest.mark.slow
 def test_trainer_trains_the_backbone_and_reload_is_identical(default_base, tmp_path):
     model, tokenizer = default_base
-    backbone = PrefAlignForCausalLM.from_base(model, tokenizer=tokenizer)
+    # The paper's prefix: with z = 0 its bias still trains (the residual adapter adds exactly nothing at z = 0).
+    backbone = PrefAlignForCausalLM.from_base(model, tokenizer=tokenizer, encoder_type="blocks", adapter_type="prefix")
     texts = ["The sky is blue today.", "I like tea with lemon.", "Rain is expected tomorrow.", "Cats sleep a lot."]
     encoded = tokenizer(texts, padding="max_length", max_length=12, truncation=True)
     encoded["labels"] = [
