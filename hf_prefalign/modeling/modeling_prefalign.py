@@ -637,7 +637,8 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         Returns:
             `CausalLMOutputWithPast`, with the loss averaged over labelled tokens when `labels` is given.
         """
-        if not self._latent_enabled:
+
+        def run_base(position_ids: torch.LongTensor | None) -> CausalLMOutputWithPast:
             return self.language_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -649,6 +650,9 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                 logits_to_keep=logits_to_keep,
                 **kwargs,
             )
+
+        if not self._latent_enabled:
+            return run_base(position_ids)
         tokens = input_ids if input_ids is not None else inputs_embeds
         if tokens is None:
             raise ValueError("Pass either `input_ids` or `inputs_embeds`.")
@@ -668,17 +672,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             if position_ids is None and attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]  # (B, T)
             with self.latent_adapter.steer(z):
-                outputs = self.language_model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    cache=cache,
-                    inputs_embeds=inputs_embeds,
-                    labels=labels,
-                    use_cache=use_cache,
-                    logits_to_keep=logits_to_keep,
-                    **kwargs,
-                )
+                outputs = run_base(position_ids)
             return CausalLMOutputWithPast(
                 loss=outputs.loss,
                 logits=outputs.logits,
