@@ -22,7 +22,7 @@ import torch
 from conftest import make_tiny_base, make_tiny_tokenizer
 from datasets import Dataset
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from tqdm.std import tqdm as std_tqdm
 
 from hf_prefalign import PrefAlignForCausalLM, PreferenceEmbedding
 from hf_prefalign.bank import PreferenceBank
@@ -44,14 +44,25 @@ OUTCOMES: dict[str, Counter] = {}
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     # tqdm's default lock is a multiprocessing semaphore shared across fork: a child killed while holding it would
-    # deadlock this process (a test artefact; separate processes never share it). Use a per-process lock instead.
-    previous = tqdm.get_lock()
-    tqdm.set_lock(threading.RLock())
+    # deadlock this process (a test artefact; separate processes never share it). Every tqdm class that already holds
+    # its own lock (datasets' and huggingface_hub's subclasses get one on their first bar) gets a per-process lock.
+    classes = [std_tqdm, *_subclasses(std_tqdm)]
+    previous = {cls: cls.__dict__["_lock"] for cls in classes if "_lock" in cls.__dict__}
+    for cls in {std_tqdm, *previous}:
+        cls._lock = threading.RLock()
     yield
-    tqdm.set_lock(previous)
+    for cls in classes:
+        if "_lock" in cls.__dict__:
+            del cls._lock
+    for cls, lock in previous.items():
+        cls._lock = lock
     target = os.environ.get("PREFALIGN_FAULT_REPORT")
     if target:
         Path(target).write_text(json.dumps({k: dict(v) for k, v in OUTCOMES.items()}, indent=2, sort_keys=True))
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 def _leftovers(folder: Path) -> list[str]:
