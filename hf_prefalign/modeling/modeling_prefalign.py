@@ -762,7 +762,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
 
         Args:
             latents (`torch.Tensor` of shape `(B, Z)` or `(Z,)`, *optional*): z per row.
-            preference_id (`str` or `list`, *optional*):
+            preference_id (`str`, `dict[str, float]` or `list`, *optional*):
                 A user of [`preferences`] for the whole batch, or one id per row (`None` rows are neutral); z is the
                 mean of each user's prior p_user(z|x) for the row's prompt. A mapping `{"alice": 0.7, "bob": 0.3}`
                 mixes users (the convex combination of their z). Exclusive with `latents`.
