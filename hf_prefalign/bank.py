@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from .hub.transfer import push_folder
+from .personalisation import normalize_mix_weights
 from .preference import PreferenceEmbedding
 from .utils.paths import PREFERENCE_ID_PATTERN as _VALID_ID
 from .utils.paths import validate_preference_id
@@ -18,6 +19,8 @@ from .utils.serialization import atomic_directory, read_consistent, require_dire
 
 
 BANK_INDEX = "bank.json"
+# What a row asks for: one user, a mix of users {id: weight}, or `None` (the neutral z = 0).
+PreferenceSpec = str | Mapping[str, float] | None
 
 
 class PreferenceBank:
@@ -114,18 +117,46 @@ class PreferenceBank:
     # ------------------------------------------------------------------
     # Latents for a batch
     # ------------------------------------------------------------------
+    def mixture_weights(self, preference_id: PreferenceSpec) -> dict[str, float]:
+        """The users a row's `preference_id` stands for, with weights summing to 1 (`{}` for `None`).
+
+        A mapping `{"alice": 0.7, "bob": 0.3}` mixes users; its weights must be finite, non-negative and not all
+        zero, and every user must be registered (a `KeyError` names an unknown one). Users of weight 0 are dropped.
+        """
+        if preference_id is None:
+            return {}
+        if isinstance(preference_id, str):
+            if preference_id not in self:
+                raise KeyError(self._unknown(preference_id))
+            return {preference_id: 1.0}
+        if not isinstance(preference_id, Mapping):
+            raise TypeError(
+                "A preference id must be a string, a mapping {id: weight} or None, got "
+                f"{type(preference_id).__name__}: {preference_id!r:.80}"
+            )
+        for user in preference_id:
+            if not isinstance(user, str):
+                raise TypeError(f"The users of a mix are named by string ids, got {type(user).__name__}: {user!r}.")
+            if user not in self:
+                raise KeyError(self._unknown(user))
+        weights = normalize_mix_weights([(repr(user), weight) for user, weight in preference_id.items()])
+        return {user: weight for user, weight in zip(preference_id, weights, strict=True) if weight > 0}
+
     @torch.no_grad()
     def latents(
         self,
-        preference_ids: Sequence[str | None],
+        preference_ids: Sequence[PreferenceSpec],
         features: torch.Tensor,
         sample: bool = False,
         temperature: float = 1.0,
     ) -> torch.Tensor:
         """z for each row: the mean of its user's prior (or a sample); `None` rows get z = 0 (neutral).
 
+        A row given as a mapping `{id: weight}` gets the convex combination of those users' z (weights normalised
+        to sum to 1; when sampling, of one draw per user).
+
         Args:
-            preference_ids (`Sequence[str | None]`): one id per row.
+            preference_ids (`Sequence[str | Mapping[str, float] | None]`): one id, mix or `None` per row.
             features (`torch.Tensor` of shape `(B, F)`): prompt features of each row.
 
         Returns:
@@ -133,11 +164,14 @@ class PreferenceBank:
         """
         if len(preference_ids) != features.shape[0]:
             raise ValueError(f"Got {len(preference_ids)} preference ids for a batch of {features.shape[0]} rows.")
+        mixes = [self.mixture_weights(pid) for pid in preference_ids]  # checked before any user is loaded
         latents = torch.zeros(features.shape[0], self.latent_dim, device=features.device)
-        for preference_id in dict.fromkeys(pid for pid in preference_ids if pid is not None):
-            rows = [i for i, pid in enumerate(preference_ids) if pid == preference_id]
+        for preference_id in dict.fromkeys(user for mix in mixes for user in mix):
+            rows = [i for i, mix in enumerate(mixes) if preference_id in mix]
+            weights = torch.tensor([mixes[i][preference_id] for i in rows], device=features.device)  # (b,)
             embedding = self.get(preference_id).to(features.device)
-            latents[rows] = embedding.latents(features[rows], sample=sample, temperature=temperature)
+            user_latents = embedding.latents(features[rows], sample=sample, temperature=temperature)  # (b, Z)
+            latents[rows] += weights.unsqueeze(-1) * user_latents  # a single user has weight 1: its z exactly
         return latents
 
     # ------------------------------------------------------------------

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,6 +29,14 @@ from .utils.serialization import (
     sha256_file,
     write_json_atomic,
 )
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+    from .data.latent_cache import LatentCache
+    from .modeling.modeling_prefalign import PrefAlignForCausalLM
 
 
 PREFERENCE_TYPE = "prefalign-preference-embedding"
@@ -125,6 +134,107 @@ class PreferenceEmbedding(nn.Module):
         if not sample:
             return prior.mean
         return prior.mean + temperature * prior.std * torch.randn_like(prior.mean)
+
+    # ------------------------------------------------------------------
+    # Users without training
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_examples(
+        cls,
+        model: PrefAlignForCausalLM,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: Dataset | Sequence[Mapping[str, Any]],
+        disliked: Dataset | Sequence[Mapping[str, Any]] | None = None,
+        *,
+        disliked_weight: float = 1.0,
+        variance: float | None = None,
+        rank: int = 8,
+        latent_cache: LatentCache | None = None,
+    ) -> PreferenceEmbedding:
+        r"""
+        A user from a few responses they liked (and optionally some they disliked), with no gradient step.
+
+        The backbone's frozen encoder already says where a response sits in z: q(z|x,y). A user who liked k
+        responses is put where those responses are: the prior's mean is the precision-weighted mean of the liked
+        examples' posterior means, minus `disliked_weight` times that of the disliked ones, the same for every
+        prompt (the prompt-dependent rank-r part is zero). Its variance is that of the moment-matched mixture of the
+        liked posteriors, so sampling covers the liked examples. Only the encoder runs (once per example, through a
+        [`LatentCache`]); the result saves, loads, banks and serves like a trained embedding, and can be refined with
+        [`LatentDPOTrainer`] (`preference_embedding=`). Its `config.training` records
+        `{"method": "from_examples", "liked": k, "disliked": k', ...}`.
+
+        Args:
+            model (`PrefAlignForCausalLM`): the (CLaP-trained) backbone the user belongs to.
+            tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
+            examples (`datasets.Dataset` or `list[dict]`): rows with `prompt` (text or chat messages, as TRL) and
+                `response` (text or a TRL conversational completion). A row with `liked` false counts as disliked
+                (TRL's unpaired format, `prompt` / `completion` / `label`, works too). At least one liked row.
+            disliked (`datasets.Dataset` or `list[dict]`, *optional*): more rows, all disliked.
+            disliked_weight (`float`, *optional*, defaults to 1.0): how far the disliked mean pushes the user away.
+            variance (`float`, *optional*): a fixed variance of the prior instead of the moment-matched one.
+            rank (`int`, *optional*, defaults to 8): rank of the (zero) prompt-dependent part, for later training.
+            latent_cache (`LatentCache`, *optional*): a cache of this backbone to read and fill (e.g. a trainer's).
+
+        Returns:
+            `PreferenceEmbedding`: in eval mode, on the CPU.
+
+        Example:
+
+        ```python
+        >>> liked = [{"prompt": "Describe a rainy Monday.", "response": "Rain! Wonderful, cozy rain!"}]
+        >>> user = PreferenceEmbedding.from_examples(model, tokenizer, liked)
+        >>> model.load_preference(user, preference_id="carol")
+        ```
+        """
+        from .personalisation import embedding_from_examples
+
+        return embedding_from_examples(
+            model,
+            tokenizer,
+            examples,
+            disliked,
+            disliked_weight=disliked_weight,
+            variance=variance,
+            rank=rank,
+            latent_cache=latent_cache,
+        )
+
+    @classmethod
+    def mix(
+        cls,
+        embeddings: Mapping[PreferenceEmbedding, float] | Sequence[PreferenceEmbedding],
+        weights: Sequence[float] | None = None,
+    ) -> PreferenceEmbedding:
+        r"""
+        A new user whose z is the convex combination of the given users' z, for every prompt.
+
+        Weights are normalised to sum to 1 (equal weights when none are given). The mixture's prior mean is exactly
+        `sum_i w_i mean_i(x)`: the members' prompt-dependent parts are stacked, so its rank is the sum of theirs
+        (members without one add nothing). The log-variance parameters are combined the same way, before the
+        bounding sigmoid. Every member must belong to the same backbone.
+
+        Args:
+            embeddings (`dict[PreferenceEmbedding, float]` or `list[PreferenceEmbedding]`): the users, with their
+                weights as the mapping's values, or as `weights`.
+            weights (`list[float]`, *optional*): finite, non-negative, not all zero.
+
+        Returns:
+            `PreferenceEmbedding`: its `config.training` records `{"method": "mix", "weights": [...], ...}`.
+
+        Example:
+
+        ```python
+        >>> config = PreferenceEmbeddingConfig(latent_dim=2, feature_dim=3, backbone_fingerprint="x")
+        >>> a, b = PreferenceEmbedding(config), PreferenceEmbedding(config)
+        >>> with torch.no_grad():
+        ...     _ = a.bias[:2].fill_(1.0)
+        >>> PreferenceEmbedding.mix({a: 3, b: 1})(torch.randn(1, 3)).mean
+        tensor([[0.7500, 0.7500]])
+        ```
+        """
+        from .personalisation import mix_embeddings
+
+        return mix_embeddings(embeddings, weights)
 
     # ------------------------------------------------------------------
     # Saving and loading

@@ -34,7 +34,8 @@ COMMANDS = {
     "quickstart": "the whole method on the embedded default model: pool, CLaP, two users, side-by-side generations",
     "pool": "sample a response pool (K responses per prompt) from a model",
     "clap": "train a PrefAlign backbone with CLaP on a response pool",
-    "align": "align one user with Latent DPO (a preference dataset, or a named scorer over a pool)",
+    "align": "align one user with Latent DPO (a preference dataset, or a named scorer over a pool), or build one "
+    "from liked examples without training (--from_examples)",
     "generate": "generate with a backbone, optionally for a user (--preference_id)",
     "push": "upload a saved backbone, preference embedding or bank to the Hub",
     "pull": "download a backbone, preference embedding or bank from the Hub",
@@ -82,6 +83,13 @@ class AlignArguments:
     scorer: str | None = field(default=None, metadata={"help": "Instead of --dataset: a named scorer ranking --pool."})
     pool: str | None = field(default=None, metadata={"help": "The response pool that --scorer ranks."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
+    from_examples: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of --dataset / --scorer: a .jsonl file of `prompt` / `response` rows the user liked "
+            "(`liked: false` marks disliked ones); builds the embedding from their posteriors, with no training."
+        },
+    )
 
 
 @dataclass
@@ -319,8 +327,13 @@ def _align(argv: list[str]) -> int:
 
     args, config = _parse("align", (AlignArguments, LatentDPOConfig), argv)
     _resume(config)
-    if (args.dataset is None) == (args.scorer is None):
-        raise UsageError("give either --dataset (a preference dataset) or --scorer with --pool")
+    sources = [args.dataset, args.scorer, args.from_examples]
+    if sum(source is not None for source in sources) != 1:
+        raise UsageError(
+            "give either --dataset (a preference dataset), --scorer with --pool, or --from_examples (liked examples)"
+        )
+    if args.from_examples is not None:
+        return _align_from_examples(args, config)
     if args.scorer is not None:
         if args.pool is None:
             raise UsageError("--scorer needs --pool (the response pool it ranks)")
@@ -332,6 +345,31 @@ def _align(argv: list[str]) -> int:
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_preference(config.output_dir)
     print(f"saved the preference embedding ({trainer.num_pairs} pairs) to {config.output_dir}")
+    return 0
+
+
+def _align_from_examples(args: AlignArguments, config) -> int:
+    """`align --from_examples FILE`: the embedding from the examples' posteriors, written like a trained one."""
+    from hf_prefalign import PreferenceEmbedding
+    from hf_prefalign.personalisation import read_examples
+
+    if config.resume_from_checkpoint:
+        raise UsageError("--resume_from_checkpoint does not apply to --from_examples (nothing is trained)")
+    if args.pool is not None:
+        raise UsageError("--pool goes with --scorer, not with --from_examples")
+    source = Path(args.from_examples)
+    if source.is_file() and not source.read_text(encoding="utf-8").strip():
+        raise ValueError(f"{source} holds no examples: give at least one prompt/response row the user liked.")
+    examples = _load_dataset(args.from_examples, args.dataset_split)
+    read_examples(examples)  # a bad file is reported before the backbone loads
+    model, tokenizer = _load_backbone(args.backbone)
+    embedding = PreferenceEmbedding.from_examples(model, tokenizer, examples, rank=config.prior_rank)
+    embedding.save_pretrained(config.output_dir)
+    record = embedding.config.training
+    print(
+        f"saved the preference embedding ({record['liked']} liked, {record['disliked']} disliked examples, no "
+        f"training) to {config.output_dir}"
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from ..modeling.distributions import DiagonalGaussian
 from ..modeling.modeling_prefalign import PrefAlignForCausalLM
 from ..utils.serialization import (
     IntegrityError,
@@ -288,6 +289,20 @@ class LatentCache:
                 "rejected_logvar": bad[:, 1].numpy(),
             }
         ).with_format("torch")
+
+    def posteriors(self, prompts: list[Any], responses: list[str]) -> DiagonalGaussian:
+        """q(z|x,y) of each (prompt, response), encoded exactly as for Latent DPO (cached entries reused).
+
+        [`PreferenceEmbedding.from_examples`] reads a user's liked examples through this, so a user built from
+        examples and one trained on pairs see the same posteriors of the same texts.
+
+        Returns:
+            [`DiagonalGaussian`] with `mean` and `logvar` of shape `(N, Z)`, on the CPU.
+        """
+        pairs = list(zip(prompts, responses, strict=True))
+        self._encode_missing([], pairs)
+        stacked = torch.stack([self._responses[self._response_key(p, r)] for p, r in pairs])  # (N, 2, Z)
+        return DiagonalGaussian(stacked[:, 0], stacked[:, 1])
 
     def encode_pool(self, pool: Dataset) -> None:
         """Encode every prompt and response of a response pool ahead of time (what all users of the pool share)."""

@@ -105,6 +105,14 @@ def backbone_card(model: PrefAlignForCausalLM, repo_id: str | None = None, with_
     )
 
 
+# How a preference embedding came about (`config.training["method"]`): the card's heading and its first sentence.
+_PREFERENCE_METHODS = {
+    "latent-dpo": ("Latent DPO", "trained with Latent DPO"),
+    "from_examples": ("from examples", "built from a few liked (and disliked) examples without training"),
+    "mix": ("mix", "a weighted mix of other users' embeddings"),
+}
+
+
 def preference_card(
     embedding: PreferenceEmbedding, repo_id: str | None = None, size_bytes: int | None = None
 ) -> ModelCard:
@@ -118,6 +126,7 @@ def preference_card(
     )
     parameters = sum(p.numel() for p in embedding.parameters())
     training: dict[str, Any] = {k: v for k, v in config.training.items() if not isinstance(v, (dict, list))}
+    method_title, provenance = _PREFERENCE_METHODS.get(training.get("method"), _PREFERENCE_METHODS["latent-dpo"])
     return ModelCard.from_template(
         card_data,
         template_str=_template("preference_card.md"),
@@ -129,6 +138,8 @@ def preference_card(
         fingerprint=config.backbone_fingerprint[:16],
         size_kb=f"{(size_bytes or parameters * 4) / 1024:.1f}",
         training=training,
+        method_title=method_title,
+        provenance=provenance,
         latent_dim=config.latent_dim,
         feature_dim=config.feature_dim,
         rank=config.rank,

@@ -8,7 +8,7 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -549,25 +549,25 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None,
-        preference_id: str | Sequence[str | None] | None,
+        preference_id: str | Mapping[str, float] | Sequence[str | Mapping[str, float] | None] | None,
         sample: bool = False,
         temperature: float = 1.0,
         strength: float = 1.0,
     ) -> torch.Tensor:
         """z per row for `preference_id` (one id for the batch or one per row; `None` is the neutral z = 0).
 
-        `strength` scales each user's departure from the neutral prior mean z = 0: 0 is neutral, 1 as trained.
+        An id may be a mix of users, `{"alice": 0.7, "bob": 0.3}`: the convex combination of their z (weights
+        normalised to sum to 1). `strength` scales each row's departure from the neutral prior mean z = 0: 0 is
+        neutral, 1 as trained.
         """
         strength = _check_strength(strength)
         batch = input_ids.shape[0]
-        ids = (
-            [preference_id] * batch if preference_id is None or isinstance(preference_id, str) else list(preference_id)
-        )
+        one = preference_id is None or isinstance(preference_id, (str, Mapping))
+        ids = [preference_id] * batch if one else list(preference_id)
         if len(ids) != batch:
             raise ValueError(f"Got {len(ids)} preference ids for a batch of {batch} prompts.")
         for pid in ids:
-            if pid is not None and pid not in self.preferences:
-                raise KeyError(self.preferences._unknown(pid))
+            self.preferences.mixture_weights(pid)  # unknown users, bad weights: fail before the LM runs
         if all(pid is None for pid in ids):
             return torch.zeros(batch, self.config.latent_dim, device=input_ids.device)
         features = self.prompt_features(input_ids, attention_mask)  # (B, hidden)
@@ -752,7 +752,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         self,
         inputs: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
-        preference_id: str | Sequence[str | None] | None = None,
+        preference_id: str | Mapping[str, float] | Sequence[str | Mapping[str, float] | None] | None = None,
         preference_sampling: str = "mean",
         preference_temperature: float = 1.0,
         preference_strength: float = 1.0,
@@ -762,9 +762,10 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
 
         Args:
             latents (`torch.Tensor` of shape `(B, Z)` or `(Z,)`, *optional*): z per row.
-            preference_id (`str` or `list`, *optional*):
+            preference_id (`str`, `dict[str, float]` or `list`, *optional*):
                 A user of [`preferences`] for the whole batch, or one id per row (`None` rows are neutral); z is the
-                mean of each user's prior p_user(z|x) for the row's prompt. Exclusive with `latents`.
+                mean of each user's prior p_user(z|x) for the row's prompt. A mapping `{"alice": 0.7, "bob": 0.3}`
+                mixes users (the convex combination of their z). Exclusive with `latents`.
             preference_sampling (`str`, *optional*, defaults to `"mean"`): `"mean"` or `"sample"` from the prior.
             preference_temperature (`float`, *optional*, defaults to 1.0): scales the prior's std when sampling.
             preference_strength (`float`, *optional*, defaults to 1.0): scales each user's z, its departure from the
