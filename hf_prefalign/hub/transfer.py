@@ -100,12 +100,14 @@ def pull_folder(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
     local_files_only: bool = False,
     what: str = "repo",
 ) -> Path:
     """Download a repo snapshot (only `subfolder/*` when given) and return the local folder to read.
 
-    Honours `HF_HUB_OFFLINE` (cache only). Raises an `OSError` naming the repo for every Hub-side miss.
+    Honours `HF_HUB_OFFLINE` (cache only); `force_download` downloads again what the cache holds. Raises an
+    `OSError` naming the repo for every Hub-side miss.
     `subfolder` must stay inside the repo (no `..`, no absolute path): it is checked before anything is read.
     A `repo_id` that is a local path is read from disk (finishing an interrupted save of it when needed).
     """
@@ -129,6 +131,7 @@ def pull_folder(
             token=token,
             cache_dir=cache_dir,
             allow_patterns=patterns,
+            force_download=force_download,
             local_files_only=local_files_only or hub_constants.HF_HUB_OFFLINE,
         )
     except RepositoryNotFoundError as err:

@@ -8,7 +8,7 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -917,22 +917,37 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         *model_args: Any,
         config: PrefAlignConfig | None = None,
         base_model: PreTrainedModel | None = None,
+        subfolder: str | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
         local_files_only: bool = False,
         dtype: torch.dtype | str | None = None,
+        device_map: str | int | torch.device | dict[str, Any] | None = None,
         is_trainable: bool = False,
         **kwargs: Any,
     ) -> PrefAlignForCausalLM:
-        """Load a backbone saved by [`~PrefAlignForCausalLM.save_pretrained`] (also via `AutoModelForCausalLM`).
+        """Load a backbone saved by [`~PrefAlignForCausalLM.save_pretrained`] (also via `AutoModelForCausalLM` and
+        `pipeline("text-generation", model=...)`).
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): local directory or Hub repo id.
             base_model (`PreTrainedModel`, *optional*):
                 The base LM to attach, instead of loading the one the checkpoint references.
-            revision, token, cache_dir, local_files_only: Hub download options (`HF_HUB_OFFLINE` is honoured).
-            dtype (`torch.dtype` or `str`, *optional*): dtype of the loaded model.
+            subfolder (`str`, *optional*): the backbone's folder inside the directory or repo.
+            revision, token, cache_dir, force_download, local_files_only: Hub download options, as in transformers
+                (`HF_HUB_OFFLINE` is honoured). `token`, `cache_dir`, `force_download` and `local_files_only` also
+                apply to the base model the checkpoint references; its revision is the one the checkpoint records.
+            dtype (`torch.dtype` or `str`, *optional*): dtype of the base LM; the latent modules stay in fp32, where
+                their log-densities are computed. `None` loads the base as saved. `"auto"` (what `pipeline` passes)
+                means what it means to the base's own loader: the checkpoint's dtype for a Hub or local base (and a
+                base saved inside the backbone), as in transformers; bf16 where the hardware computes it natively,
+                else fp32, for the embedded default (see [`load_default_base`]).
+            device_map (`str`, `int`, `torch.device` or `dict`, *optional*):
+                The one device the whole backbone goes to (`"cpu"`, `"cuda:0"`, `0`, `{"": 0}`); `"auto"` is the
+                current accelerator if there is one, else the CPU. The latent modules hook into the base's layers,
+                so a map that spreads the model over several devices is refused.
             is_trainable (`bool`, *optional*, defaults to `False`):
                 Load in training mode. A frozen-base checkpoint keeps its base frozen either way.
             posterior_refinement_steps, posterior_refinement_step_size (*optional*):
@@ -941,27 +956,33 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         overrides = {name: kwargs.pop(name) for name in _INFERENCE_OPTIONS if name in kwargs}
         torch_dtype = kwargs.pop("torch_dtype", None)  # the pre-5.0 name of `dtype`
         dtype = dtype if dtype is not None else torch_dtype
-        for hub_only in ("force_download", "proxies", "subfolder", "_commit_hash", "_from_auto", "trust_remote_code"):
-            kwargs.pop(hub_only, None)
+        for name, harmless in _HARMLESS_LOAD_OPTIONS.items():
+            if name in kwargs and harmless(kwargs[name]):
+                kwargs.pop(name)
         if kwargs:
             logger.warning(f"PrefAlignForCausalLM.from_pretrained ignores {sorted(kwargs)}.")
         if model_args:
             raise TypeError(f"Unexpected positional arguments {model_args}.")
+        device = _device_from_map(device_map)
         directory = _resolve_checkpoint_dir(
             pretrained_model_name_or_path,
+            subfolder=subfolder,
             revision=revision,
             token=token,
             cache_dir=cache_dir,
+            force_download=force_download,
             local_files_only=local_files_only,
         )
-        if config is None:
+        if config is None or subfolder:  # the config `AutoModel` passes was read from the same folder
             config = _load_config(directory)
         if overrides:
             config = PrefAlignConfig.from_dict({**config.to_dict(), **overrides})  # validates the new values
 
         if base_model is None:
             if config.base_included:
-                base_model = AutoModelForCausalLM.from_pretrained(directory / BASE_MODEL_SUBFOLDER, dtype=dtype)
+                base_model = AutoModelForCausalLM.from_pretrained(
+                    directory / BASE_MODEL_SUBFOLDER, dtype=dtype if dtype == "auto" else resolve_dtype(dtype)
+                )
             elif config.base_model_name_or_path is None:
                 raise OSError(
                     f"The backbone at {directory} was saved without its base model and records no base reference. "
@@ -975,6 +996,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                         dtype=dtype,
                         token=token,
                         cache_dir=cache_dir,
+                        force_download=force_download,
                         local_files_only=local_files_only,
                     )
                 except (OSError, ImportError) as err:
@@ -982,21 +1004,72 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                         f"The backbone at {directory} references the base model "
                         f"{config.base_model_name_or_path!r}, which could not be loaded: {err}"
                     ) from err
+        elif dtype not in (None, "auto"):
+            # A base passed in is cast to `dtype`; the loaders above already loaded it so.
+            base_model.to(resolve_dtype(dtype))
         _check_base_matches(config.text_config, base_model.config, where=f"loaded for {directory}")
         config.text_config = base_model.config
         model = cls(config, base_model=base_model)
         model.name_or_path = str(pretrained_model_name_or_path)  # what later artefacts record as their backbone
+        if subfolder:
+            model.name_or_path = f"{model.name_or_path}/{subfolder}"
         model.load_latent_weights(directory / WEIGHTS_NAME)
-        base_dtype = resolve_dtype(dtype) if dtype not in (None, "auto") else None
-        if base_dtype is not None:
-            # The base runs in `dtype`; the latent modules keep fp32, where their log-densities are computed.
-            model.language_model.to(base_dtype)
         if not config.base_included:
             model.freeze_base()
         if (directory / GENERATION_CONFIG_NAME).is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
+        if device is not None:
+            model.to(device)
         model.train(is_trainable)
         return model
+
+
+# Options transformers' auto classes and `pipeline` pass to every `from_pretrained`, which mean nothing here when they
+# hold these values (a value that would mean something is reported as ignored).
+_HARMLESS_LOAD_OPTIONS: dict[str, Callable[[Any], bool]] = {
+    "adapter_kwargs": lambda value: not value or all(v is None for v in value.values()),  # PEFT adapters only
+    "trust_remote_code": lambda value: True,  # the backbone is registered code, never remote code
+    "use_safetensors": lambda value: value in (None, True),  # safetensors is all we read
+    "low_cpu_mem_usage": lambda value: True,
+    "proxies": lambda value: value is None,
+    "_from_auto": lambda value: True,
+    "_from_pipeline": lambda value: True,
+    "_commit_hash": lambda value: True,
+}
+
+
+def _device_from_map(device_map: str | int | torch.device | dict[str, Any] | None) -> torch.device | None:
+    """The single device a `device_map` names; `None` leaves the model where its loader put it (the CPU)."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(
+                f"device_map={device_map!r} spreads the backbone over several devices; PrefAlignForCausalLM keeps "
+                "the whole model on one (its latent modules hook into the base's layers). Pass one device, e.g. "
+                "`device_map='cuda:0'`."
+            )
+        return _device_from_map(devices.pop())
+    if device_map == "auto":
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return torch.device(accelerator.type, torch.accelerator.current_device_index()) if accelerator else None
+    if isinstance(device_map, str) and device_map in ("balanced", "balanced_low_0", "sequential"):
+        raise ValueError(
+            f"device_map={device_map!r} spreads the backbone over several devices; PrefAlignForCausalLM keeps the "
+            "whole model on one. Pass one device, e.g. `device_map='cuda:0'`."
+        )
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        if accelerator is None:
+            raise ValueError(f"device_map={device_map} names an accelerator, but none is available.")
+        return torch.device(accelerator.type, device_map)
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device_map={device_map!r} is not a device; pass 'cpu', 'cuda:0', an index, or 'auto'."
+        ) from err
 
 
 def _check_strength(strength: float) -> float:
@@ -1023,20 +1096,21 @@ def _sink_token_id(text_config: Any) -> int:
 
 def _resolve_checkpoint_dir(
     name_or_path: str | os.PathLike,
+    subfolder: str | None,
     revision: str | None,
     token: str | bool | None,
     cache_dir: str | os.PathLike | None,
+    force_download: bool,
     local_files_only: bool,
 ) -> Path:
     """A local checkpoint directory, downloading a Hub repo snapshot when needed (cache only when offline)."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
     return pull_folder(
         str(name_or_path),
+        subfolder=subfolder or None,
         revision=revision,
         token=token,
         cache_dir=cache_dir,
+        force_download=force_download,
         local_files_only=local_files_only,
         what="PrefAlign backbone",
     )
