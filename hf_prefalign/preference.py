@@ -254,7 +254,14 @@ class PreferenceEmbedding(nn.Module):
                 {name: p.detach() for name, p in self.named_parameters()}, tmp / WEIGHTS_NAME, metadata
             )
             size = (tmp / WEIGHTS_NAME).stat().st_size
-            write_card(preference_card, tmp / README_NAME, self, repo_id=repo_id, size_bytes=size)
+            write_card(
+                preference_card,
+                tmp / README_NAME,
+                self,
+                existing=save_directory / README_NAME,
+                repo_id=repo_id,
+                size_bytes=size,
+            )
             config = {**asdict(self.config), WEIGHTS_CHECKSUM_KEY: sha256_file(tmp / WEIGHTS_NAME)}
             write_json_atomic(config, tmp / CONFIG_NAME)
 

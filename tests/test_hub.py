@@ -801,3 +801,101 @@ def test_an_interrupted_backbone_download_is_an_error_and_a_retry_works(
     pulled = PrefAlignForCausalLM.from_pretrained("owner/backbone")
     assert len(calls) == 2
     _assert_same_tensors(_latent_tensors(pulled), _latent_tensors(model))
+
+
+# ----------------------------------------------------------------------
+# The trainers' cards and pushes, and saving over an existing card
+# ----------------------------------------------------------------------
+def test_latent_dpo_trainer_push_to_hub_uploads_the_preference_card(hub_server: HubServer, world: World, tmp_path):
+    trainer = LatentDPOTrainer(
+        _fresh(world),
+        _dpo_config(tmp_path / "user", hub_model_id="owner/trained-user", num_train_epochs=1),
+        train_dataset=Dataset.from_list(world.rows["alice"]),
+        processing_class=world.tokenizer,
+    )
+    trainer.train()
+    trainer.create_model_card(tags=["my-tag"])
+    local = ModelCard.load(tmp_path / "user" / "README.md")
+    assert local.data.library_name == "hf-prefalign" and "my-tag" in local.data.tags
+    assert "user preference embedding" in local.text and "trl" not in (local.data.tags or [])
+
+    trainer.push_to_hub(token=TOKEN)
+    files = hub_server.files("owner/trained-user")
+    assert set(files) - {".gitattributes"} == EMBEDDING_FILES, sorted(files)
+    card = ModelCard(files["README.md"].decode())
+    data = _assert_card_round_trips(card)
+    assert "latent-dpo" in data["tags"] and "## Training (Latent DPO)" in card.text
+    assert "Direct Preference Optimization" not in card.text  # TRL's LM card cites the DPO paper
+    assert PreferenceEmbedding.from_pretrained("owner/trained-user").config.training["pairs"] == 24
+
+
+def test_clap_trainer_push_to_hub_uploads_the_backbone_card_and_no_training_state(hub_server: HubServer, tmp_path):
+    args = CLaPConfig(
+        output_dir=str(tmp_path / "clap"),
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="steps",
+        save_steps=1,
+        max_steps=2,
+        hub_model_id="owner/clap-pushed",
+    )
+    trainer = CLaPTrainer(
+        PrefAlignForCausalLM.from_base(make_tiny_base("llama"), latent_dim=LATENT_DIM),
+        args,
+        train_dataset=make_tiny_pool(num_prompts=4, num_responses=3),
+        processing_class=make_tiny_tokenizer(),
+    )
+    trainer.train()
+    trainer.create_model_card()
+    assert "## Training (CLaP)" in (tmp_path / "clap" / "README.md").read_text()
+    trainer.push_to_hub(token=TOKEN, tags="extra-tag")
+    files = set(hub_server.files("owner/clap-pushed"))
+    assert BACKBONE_FILES <= files and "tokenizer.json" in files
+    assert not {"training_args.bin", "optimizer.pt", "rng_state.pth"} & files
+    assert not [f for f in files if f.startswith("checkpoint-")], sorted(files)
+    card = ModelCard(hub_server.files("owner/clap-pushed")["README.md"].decode())
+    data = _assert_card_round_trips(card)
+    assert "clap" in data["tags"] and "extra-tag" in data["tags"] and "## Training (CLaP)" in card.text
+    assert 'AutoTokenizer.from_pretrained("owner/clap-pushed")' in card.text
+
+
+def test_saving_updates_an_existing_card_instead_of_replacing_it(world: World, tmp_path: Path):
+    model = _fresh(world)
+    folder = tmp_path / "backbone"
+    folder.mkdir()
+    (folder / "README.md").write_text(
+        "---\nlicense: mit\ntags:\n- mine\n---\n\n# My backbone\n\nHand-written notes.\n"
+    )
+    model.save_pretrained(folder)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "mit" and card.data.library_name == "hf-prefalign"
+    assert card.data.tags[0] == "mine" and "prefalign" in card.data.tags
+    assert "Hand-written notes." in card.text and "## Architecture" not in card.text  # a hand-written card is kept
+
+    # A generated card with the user's own text around its generated section: the section is regenerated.
+    other = tmp_path / "generated"
+    model.save_pretrained(other)
+    text = (other / "README.md").read_text()
+    (other / "README.md").write_text(text.replace("---\n\n", "---\n\nIntro by the owner.\n\n", 1) + "\nOutro.\n")
+    model.config.training_summary = {"steps": 7, "prompts": 1, "responses": 2, "train_seconds": 0.1}
+    model.config.training_summary |= {"settings": {}, "final_metrics": {}}
+    model.save_pretrained(other)
+    updated = (other / "README.md").read_text()
+    assert "Intro by the owner." in updated and "Outro." in updated and "| steps | 7 |" in updated
+    assert updated.count("## Architecture") == 1
+
+    embedding = PreferenceEmbedding.from_pretrained(world.users["alice"])
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "README.md").write_text("# Alice's style\n")
+    embedding.save_pretrained(tmp_path / "user")
+    card = ModelCard.load(tmp_path / "user" / "README.md")
+    assert card.text.strip() == "# Alice's style" and card.data.library_name == "hf-prefalign"
+
+
+def test_the_card_base_model_is_what_the_config_reference_resolves_to(world: World):
+    model = _fresh(world)
+    model.config.base_model_name_or_path = EMBEDDED_DEFAULT_BASE
+    card = backbone_card(model)
+    assert card.data.base_model == hub_id_or_none(model.config.base_model_name_or_path) == EMBEDDED_DEFAULT_BASE_HUB_ID
+    assert f"`{EMBEDDED_DEFAULT_BASE}` (card metadata `base_model`: [{EMBEDDED_DEFAULT_BASE_HUB_ID}]" in card.text

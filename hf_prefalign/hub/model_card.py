@@ -39,6 +39,12 @@ CITATION = """@inproceedings{zhang2025disentangling,
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
+# The generated part of a card sits between these markers: saving again regenerates it and keeps the rest.
+GENERATED_START = "<!-- hf-prefalign: generated section start (regenerated on save; write your own text outside) -->"
+GENERATED_END = "<!-- hf-prefalign: generated section end -->"
+# Metadata keys the library owns; every other key of an existing card (license, language, datasets, ...) is kept.
+_GENERATED_METADATA = ("library_name", "base_model", "base_model_relation", "pipeline_tag")
+
 
 def looks_like_repo_id(reference: str) -> bool:
     """`owner/name` (or a bare `name`) made of the characters the Hub allows, and not an existing local path."""
@@ -46,7 +52,12 @@ def looks_like_repo_id(reference: str) -> bool:
 
 
 def hub_id_or_none(reference: str | None) -> str | None:
-    """`reference` if it looks like a Hub repo id (not a local path); the embedded default maps to its Hub origin."""
+    """The Hub model a base or backbone reference (a config's `base_model_name_or_path`, an artefact's `backbone`)
+    stands for: the reference itself when it is a Hub repo id (not a local path), the Hub origin of the embedded
+    default's weights (`embedded:SmolLM2-135M-Instruct-Q4_1` -> `HuggingFaceTB/SmolLM2-135M-Instruct`), else `None`.
+
+    Every card's `base_model` comes from this one function, so the card and the config it describes always agree.
+    """
     if reference == EMBEDDED_DEFAULT_BASE:
         return EMBEDDED_DEFAULT_BASE_HUB_ID
     if reference and _HUB_ID.match(reference) and not Path(reference).exists():
@@ -91,6 +102,7 @@ def backbone_card(model: PrefAlignForCausalLM, repo_id: str | None = None, with_
         tokenizer_source=(repo_id if with_tokenizer else base) or repo_id or "<base model>",
         base_description=base_description,
         base_reference=config.base_model_name_or_path,
+        base_hub_id=base,
         base_included=config.base_included,
         latent_dim=config.latent_dim,
         num_prefix_slots=config.num_prefix_slots,
@@ -102,6 +114,8 @@ def backbone_card(model: PrefAlignForCausalLM, repo_id: str | None = None, with_
         paper_title=PAPER_TITLE,
         paper_id=PAPER_ARXIV_ID,
         citation=CITATION,
+        generated_start=GENERATED_START,
+        generated_end=GENERATED_END,
     )
 
 
@@ -146,14 +160,47 @@ def preference_card(
         parameters=f"{parameters:,}",
         versions=_versions(),
         citation=CITATION,
+        generated_start=GENERATED_START,
+        generated_end=GENERATED_END,
     )
 
 
-def write_card(card_factory: Any, path: Path, *args: Any, **kwargs: Any) -> None:
-    """Write a generated card to `path` (temp file, then rename). A failure is logged and never breaks the save it
+def update_card(card: ModelCard, existing: ModelCard) -> ModelCard:
+    """`existing` with `card`'s generated parts: its metadata keys that the library owns (library, base model,
+    pipeline tag), its tags added to the existing ones, and its generated section in place of the old one. Text
+    written outside that section, or a whole hand-written card, is kept as it is (PEFT's `create_or_update_model_card`
+    keeps an existing card the same way)."""
+    data = existing.data.to_dict()
+    generated = card.data.to_dict()
+    for key in _GENERATED_METADATA:
+        if generated.get(key) is not None:
+            data[key] = generated[key]
+    tags = list(data.get("tags") or [])
+    data["tags"] = tags + [tag for tag in generated.get("tags") or [] if tag not in tags]
+    text = existing.text
+    start, end = text.find(GENERATED_START), text.find(GENERATED_END)
+    if 0 <= start < end:
+        new_start, new_end = card.text.find(GENERATED_START), card.text.find(GENERATED_END)
+        text = text[:start] + card.text[new_start:new_end] + text[end:]
+    return ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n{text}")
+
+
+def add_tags(card: ModelCard, tags: str | list[str] | None) -> ModelCard:
+    """`card` with `tags` appended to its metadata tags (those a trainer's `push_to_hub(tags=...)` passes)."""
+    extra = [tags] if isinstance(tags, str) else list(tags or [])
+    current = list(card.data.tags or [])
+    card.data.tags = current + [tag for tag in extra if tag not in current]
+    return card
+
+
+def write_card(card_factory: Any, path: Path, *args: Any, existing: Path | None = None, **kwargs: Any) -> None:
+    """Write a generated card to `path` (temp file, then rename). A README already at `existing` (the folder being
+    saved over) is updated rather than replaced ([`update_card`]). A failure is logged and never breaks the save it
     belongs to: the rest of the artefact is complete without its README."""
     try:
         card = card_factory(*args, **kwargs)
+        if existing is not None and Path(existing).is_file():
+            card = update_card(card, ModelCard.load(existing))
     except Exception:  # noqa: BLE001 - card generation is optional work around a save
         logger.warning(f"Could not generate the model card {path}; the save itself is complete.", exc_info=True)
         return
@@ -161,4 +208,4 @@ def write_card(card_factory: Any, path: Path, *args: Any, **kwargs: Any) -> None
         card.save(str(tmp))
 
 
-__all__ = ["CITATION", "backbone_card", "hub_id_or_none", "preference_card", "write_card"]
+__all__ = ["CITATION", "backbone_card", "hub_id_or_none", "add_tags", "preference_card", "update_card", "write_card"]

@@ -859,7 +859,14 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                 self.language_model.save_pretrained(tmp / BASE_MODEL_SUBFOLDER)
             if self.generation_config is not None:
                 write_json_atomic(self.generation_config.to_dict(), tmp / GENERATION_CONFIG_NAME)
-            write_card(backbone_card, tmp / README_NAME, self, repo_id=repo_id, with_tokenizer=with_tokenizer)
+            write_card(
+                backbone_card,
+                tmp / README_NAME,
+                self,
+                existing=Path(save_directory) / README_NAME,
+                repo_id=repo_id,
+                with_tokenizer=with_tokenizer,
+            )
             write_json_atomic(json.loads(config.to_json_string(use_diff=False)), tmp / CONFIG_NAME)
 
     def push_to_hub(

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from huggingface_hub import ModelCard
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from transformers.utils import logging
@@ -16,11 +17,13 @@ from transformers.utils import logging
 from ..data.collators import DataCollatorForResponseGroups
 from ..data.pools import PROMPT_COLUMN, RESPONSES_COLUMN, as_response_pool
 from ..data.prompts import context_limit, tokenize_prompt
+from ..hub.model_card import add_tags, backbone_card, write_card
+from ..hub.transfer import push_folder
 from ..loading import load_default_base
 from ..modeling.hidden_state_encoder import HiddenStateEncoder
 from ..modeling.likelihood import positions_to_score
 from ..modeling.modeling_prefalign import PrefAlignForCausalLM
-from ..utils.constants import BASE_MODEL_SUBFOLDER, EMBEDDED_DEFAULT_BASE, WEIGHTS_NAME
+from ..utils.constants import BASE_MODEL_SUBFOLDER, EMBEDDED_DEFAULT_BASE, README_NAME, WEIGHTS_NAME
 from ..utils.serialization import load_tensors
 from .checkpoints import resolve_resume
 from .clap_config import CLaPConfig
@@ -423,6 +426,78 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    # ------------------------------------------------------------------
+    # Model card and Hub
+    # ------------------------------------------------------------------
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the backbone's card ([`backbone_card`]: base model, architecture, CLaP record) to
+        `output_dir/README.md`, instead of transformers' generic one. An existing README there is updated."""
+        if not self.is_world_process_zero():
+            return
+        backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(self.model)
+        output_dir = Path(self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_card(
+            lambda: add_tags(
+                backbone_card(
+                    backbone,
+                    repo_id=self.hub_model_id or self.args.hub_model_id,
+                    with_tokenizer=self.processing_class is not None,
+                ),
+                tags,
+            ),
+            output_dir / README_NAME,
+            existing=output_dir / README_NAME,
+        )
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> str | None:
+        """Save the backbone to `output_dir` and upload it (latent modules, base reference, tokenizer, its own card)
+        to `args.hub_model_id` (default: the name of `output_dir`); returns the commit URL.
+
+        Unlike [`~transformers.Trainer.push_to_hub`], only the backbone and its tokenizer are uploaded, never
+        `output_dir`'s checkpoints, optimizer states or `training_args.bin`. The upload is synchronous (`blocking`
+        is accepted for compatibility).
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(self.model)
+        repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).name
+        tags = kwargs.get("tags")
+
+        def write(folder: Path) -> None:
+            backbone.save_pretrained(folder, repo_id=repo_id, with_tokenizer=self.processing_class is not None)
+            if tags:
+                card = add_tags(ModelCard.load(folder / README_NAME), tags)
+                card.save(str(folder / README_NAME))
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(folder)
+
+        return push_folder(
+            write,
+            repo_id,
+            token=self.args.hub_token if token is None else token,
+            private=self.args.hub_private_repo if private is None else private,
+            revision=self.args.hub_revision if revision is None else revision,
+            commit_message=commit_message or "End of training",
+        )
 
     # ------------------------------------------------------------------
     # Checkpoints

@@ -14,11 +14,12 @@ from transformers.utils import logging
 from trl import DPOTrainer
 
 from ..data.latent_cache import PAIR_COLUMNS, LatentCache
+from ..hub.model_card import add_tags, preference_card, write_card
 from ..loading import default_cache_dir
 from ..modeling.distributions import DiagonalGaussian
 from ..modeling.modeling_prefalign import PrefAlignForCausalLM
 from ..preference import PreferenceEmbedding, PreferenceEmbeddingConfig
-from ..utils.constants import WEIGHTS_NAME
+from ..utils.constants import README_NAME, WEIGHTS_NAME
 from ..utils.serialization import load_tensors
 from .checkpoints import resolve_resume
 from .latent_dpo_config import LatentDPOConfig
@@ -243,6 +244,67 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         path = Path(resume_from_checkpoint) / WEIGHTS_NAME
         (model or self.model).load_state_dict(load_tensors(path))
+
+    # ------------------------------------------------------------------
+    # Model card and Hub
+    # ------------------------------------------------------------------
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the preference embedding's card to `output_dir/README.md` (TRL's LM card does not apply).
+
+        The card holds counts, settings and aggregate metrics only ([`preference_card`]); `dataset_name` is not
+        recorded, since a user's dataset name can identify them. An existing README there is updated, not replaced.
+        """
+        if not self.is_world_process_zero():
+            return
+        output_dir = Path(self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        weights = output_dir / WEIGHTS_NAME
+        write_card(
+            lambda: add_tags(
+                preference_card(
+                    self.model,
+                    repo_id=self.hub_model_id or self.args.hub_model_id,
+                    size_bytes=weights.stat().st_size if weights.is_file() else None,
+                ),
+                tags,
+            ),
+            output_dir / README_NAME,
+            existing=output_dir / README_NAME,
+        )
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> str | None:
+        """Save the embedding to `output_dir` and upload it (config, weights, its own card) to `args.hub_model_id`
+        (default: the name of `output_dir`); returns the commit URL.
+
+        Unlike [`~transformers.Trainer.push_to_hub`], only the embedding is uploaded, never `output_dir`'s
+        checkpoints or logs. The upload is synchronous (`blocking` is accepted for compatibility).
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        return self.model.push_to_hub(
+            self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).name,
+            commit_message=commit_message or "End of training",
+            private=self.args.hub_private_repo if private is None else private,
+            token=self.args.hub_token if token is None else token,
+            revision=self.args.hub_revision if revision is None else revision,
+        )
 
     def save_preference(self, path: str | Path) -> PreferenceEmbedding:
         """Save the trained preference embedding to `path` and return it."""
