@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 from conftest import make_tiny_base, make_tiny_pool, make_tiny_tokenizer, random_words
+from hub_server import HubServer, hub_server_fixture  # noqa: F401  (provides the `hub_server` fixture)
 
 from hf_prefalign import PrefAlignForCausalLM, PreferenceEmbedding, load_response_pool, save_response_pool
 from hf_prefalign.cli.main import main
@@ -91,8 +92,8 @@ def test_pool_clap_align_generate_on_a_tiny_model(tiny_base_dir, tmp_path, capsy
 
     config = tmp_path / "clap.yaml"
     config.write_text(
-        f"output_dir: {tmp_path / 'backbone'}\nmax_steps: 2\nlogging_steps: 1\n"
-        "disable_tqdm: true\nuse_cpu: true\nsave_strategy: 'no'\n"
+        f"output_dir: {tmp_path / 'clap'}\nmax_steps: 2\nlogging_steps: 1\n"
+        "disable_tqdm: true\nuse_cpu: true\nsave_strategy: steps\nsave_steps: 1\n"
     )
     assert (
         main(
@@ -112,8 +113,13 @@ def test_pool_clap_align_generate_on_a_tiny_model(tiny_base_dir, tmp_path, capsy
         )
         == 0
     )
-    assert (tmp_path / "backbone" / "model.safetensors").is_file()
-    saved = json.loads((tmp_path / "backbone" / "config.json").read_text())
+    # The Trainer's checkpoints stay in --output_dir; the backbone folder holds the backbone and its tokenizer only.
+    assert sorted(p.name for p in (tmp_path / "clap").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    backbone_files = {p.name for p in (tmp_path / "clap" / "backbone").iterdir()}
+    assert {"model.safetensors", "config.json", "README.md", "tokenizer.json"} <= backbone_files
+    assert not {"training_args.bin", "optimizer.pt", "trainer_state.json"} & backbone_files, backbone_files
+    assert not [name for name in backbone_files if name.startswith("checkpoint-")]
+    saved = json.loads((tmp_path / "clap" / "backbone" / "config.json").read_text())
     assert saved["posterior_refinement_steps"] == 1  # `align` below encodes with the refined posterior
 
     assert (
@@ -121,7 +127,7 @@ def test_pool_clap_align_generate_on_a_tiny_model(tiny_base_dir, tmp_path, capsy
             [
                 "align",
                 "--backbone",
-                str(tmp_path / "backbone"),
+                str(tmp_path / "clap" / "backbone"),
                 "--scorer",
                 "concise",
                 "--pool",
@@ -141,7 +147,7 @@ def test_pool_clap_align_generate_on_a_tiny_model(tiny_base_dir, tmp_path, capsy
             [
                 "generate",
                 "--backbone",
-                str(tmp_path / "backbone"),
+                str(tmp_path / "clap" / "backbone"),
                 "--prompt",
                 "w5 w6",
                 "--preference_id",
@@ -256,3 +262,16 @@ def test_quickstart_refuses_a_foreign_output_folder(tmp_path, capsys):
     (tmp_path / "something.txt").write_text("not ours")
     assert main(["quickstart", "--output_dir", str(tmp_path)]) == 1
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_push_never_uploads_training_state(tiny_backbone_dir, hub_server: HubServer, capsys):
+    (tiny_backbone_dir / "checkpoint-3").mkdir()
+    (tiny_backbone_dir / "checkpoint-3" / "optimizer.pt").write_bytes(b"state")
+    for name in ("optimizer.pt", "rng_state.pth", "training_args.bin", "trainer_state.json"):
+        (tiny_backbone_dir / name).write_bytes(b"state")
+    assert main(["push", "--repo_id", "owner/cli-backbone", "--path", str(tiny_backbone_dir), "--token", "hf_x"]) == 0
+    assert "not uploading training state: checkpoint-3, optimizer.pt" in capsys.readouterr().out
+    files = set(hub_server.files("owner/cli-backbone"))
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= files
+    assert not [f for f in files if f.startswith("checkpoint-") or f.endswith((".pt", ".pth", ".bin"))], files
+    assert "trainer_state.json" not in files

@@ -65,6 +65,13 @@ class PoolArguments:
 class ClapArguments:
     pool: str = field(metadata={"help": "A response pool folder (from `hf-prefalign pool`)."})
     model: str = field(default="embedded", metadata={"help": "'embedded' or a base causal LM path/id."})
+    backbone_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the trained backbone and its tokenizer are saved (default: <output_dir>/backbone). "
+            "--output_dir is the Trainer's: checkpoints and --resume_from_checkpoint true stay there."
+        },
+    )
     eval_fraction: float = field(default=0.0, metadata={"help": "Fraction of the pool's prompts held out for eval."})
     posterior_refinement_steps: int = field(
         default=0,
@@ -315,8 +322,12 @@ def _clap(argv: list[str]) -> int:
     model.config.posterior_refinement_step_size = args.posterior_refinement_step_size
     if eval_pool is not None:
         trainer.evaluate()
-    trainer.save_model(config.output_dir)
-    print(f"saved the backbone to {config.output_dir}")
+    # The backbone gets a folder of its own: the Trainer's checkpoints (optimizer states, RNG states, pickled
+    # training arguments) stay in --output_dir, so the backbone folder can be pushed or shared as it is.
+    backbone_dir = Path(args.backbone_dir or Path(config.output_dir) / "backbone")
+    model.save_pretrained(backbone_dir, with_tokenizer=True)
+    tokenizer.save_pretrained(backbone_dir)
+    print(f"saved the backbone to {backbone_dir} (checkpoints, if any, in {config.output_dir})")
     return 0
 
 
@@ -412,8 +423,13 @@ def _push(argv: list[str]) -> int:
     source = Path(args.path)
     if not (source / "config.json").is_file() and not (source / "bank.json").is_file():
         raise FileNotFoundError(f"{source} holds no saved backbone, preference embedding or bank (no config.json).")
+    skipped = sorted({p.name for pattern in _TRAINING_STATE for p in source.glob(pattern)})
+    if skipped:
+        print(f"not uploading training state: {', '.join(skipped)}")
     url = push_folder(
-        lambda folder: shutil.copytree(source, folder, dirs_exist_ok=True),
+        lambda folder: shutil.copytree(
+            source, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*_TRAINING_STATE)
+        ),
         args.repo_id,
         token=args.token,
         private=args.private,
@@ -421,6 +437,19 @@ def _push(argv: list[str]) -> int:
     )
     print(f"pushed {source} to {args.repo_id}: {url}")
     return 0
+
+
+# What a Trainer leaves in its output_dir besides the model: never part of an uploaded artefact.
+_TRAINING_STATE = (
+    "checkpoint-*",
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "training_args.bin",
+    "trainer_state.json",
+    "runs",
+)
 
 
 def _pull(argv: list[str]) -> int:
