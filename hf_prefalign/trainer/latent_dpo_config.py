@@ -28,8 +28,9 @@ class LatentDPOConfig(DPOConfig):
         encode_batch_size (`int`, *optional*, defaults to 32): sequences per encoder call while building the cache.
 
     Defaults that differ from [`~trl.DPOConfig`]: `learning_rate=5e-3`, `num_train_epochs=10`,
-    `per_device_train_batch_size=64` (the paper's pairs per step), `gradient_checkpointing=False`, `bf16=False`,
-    `logging_steps=5`, `save_strategy="no"`, `remove_unused_columns=False`. The prior has ~5k
+    `per_device_train_batch_size=64` (the paper's pairs per step), `activation_checkpointing=False` (and its
+    deprecated alias `gradient_checkpointing` unset), `bf16=False`, `logging_steps=5`, `save_strategy="no"`,
+    `remove_unused_columns=False`, `dataloader_pin_memory=False`. The prior has ~5k
     parameters, so many small steps cost seconds.
     """
 
@@ -49,7 +50,16 @@ class LatentDPOConfig(DPOConfig):
     num_train_epochs: float = field(default=10.0, metadata={"help": "Passes over the user's pairs."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Preference pairs per step."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Preference pairs per evaluation step."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "No LM runs: nothing to checkpoint."})
+    # `activation_checkpointing` is the name transformers reads; leaving its deprecated alias unset avoids its warning.
+    activation_checkpointing: bool | None = field(
+        default=False, metadata={"help": "No LM runs: nothing to checkpoint."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers)."}
+    )
+    dataloader_pin_memory: bool = field(
+        default=False, metadata={"help": "Batches are a few small latent tensors: nothing worth pinning."}
+    )
     bf16: bool | None = field(default=False, metadata={"help": "Latent densities are computed in fp32."})
     logging_steps: float = field(default=5, metadata={"help": "Log every X steps."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy ('no', 'steps', 'epoch')."})
