@@ -774,3 +774,42 @@ def test_continuing_a_saved_embedding_starts_from_its_weights(tmp_path, users):
     first = next(entry for entry in trainer.state.log_history if "loss" in entry)
     # A fresh N(0, I) prior logs a zero mean norm at its first step; a continued one starts where alice ended.
     assert first["prior/mean_norm"] > 0.5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"loss_type": ["ipo"]}, "loss_type"),
+        ({"loss_type": "ipo"}, "loss_type"),
+        ({"label_smoothing": 0.3}, "label_smoothing"),
+        ({"max_length": 4}, "max_length"),
+        ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
+        ({"padding_free": True}, "padding_free"),
+        ({"activation_checkpointing": True}, "activation_checkpointing"),
+    ],
+)
+def test_dpo_fields_that_cannot_act_are_refused(tmp_path, overrides, named):
+    with pytest.raises(ValueError, match=f"`{named}"):
+        _config(tmp_path, **overrides)
+
+
+def test_defaults_of_inert_fields_and_no_warnings_of_our_making(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the gradient_checkpointing FutureWarning, pin_memory, ...
+        config = _config(tmp_path, loss_type="sigmoid", max_length=1024)  # the defaults, spelled out, are fine
+    assert config.activation_checkpointing is False and config.dataloader_pin_memory is False
+
+
+def test_trl_positional_order_and_refused_trl_options(tmp_path):
+    model, tokenizer = _backbone(), make_tiny_tokenizer()
+    # DPOTrainer's order: (model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class)
+    trainer = LatentDPOTrainer(model, None, _config(tmp_path), None, _pairs(), None, tokenizer)
+    assert isinstance(trainer.args, LatentDPOConfig) and trainer.num_pairs == 24
+    with pytest.raises(ValueError, match="`ref_model`"):
+        LatentDPOTrainer(model, model, _config(tmp_path), train_dataset=_pairs(), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="`peft_config`"):
+        LatentDPOTrainer(model, args=_config(tmp_path), train_dataset=_pairs(), peft_config=object())
+    with pytest.raises(TypeError, match="given twice"):
+        LatentDPOTrainer(model, _config(tmp_path), _config(tmp_path), train_dataset=_pairs())

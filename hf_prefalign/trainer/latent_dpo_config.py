@@ -2,16 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
+
+
+# DPOConfig fields that cannot act in Latent DPO (no LM runs, nothing is tokenized, the reference is N(0, I)):
+# setting one away from DPOConfig's default is refused rather than silently ignored.
+INERT_DPO_FIELDS = (
+    "model_init_kwargs",
+    "trust_remote_code",
+    "router_aux_loss_coef",
+    "disable_dropout",
+    "dataset_num_proc",
+    "max_length",
+    "truncation_mode",
+    "padding_free",
+    "pad_to_multiple_of",
+    "precompute_ref_log_probs",
+    "precompute_ref_batch_size",
+    "loss_type",
+    "loss_weights",
+    "ld_alpha",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "label_smoothing",
+    "use_weighting",
+    "discopop_tau",
+    "activation_offloading",
+    "sync_ref_model",
+    "ref_model_mixup_alpha",
+    "ref_model_sync_steps",
+    "pad_token",
+)
+
+
+def _dpo_default(name: str):
+    spec = next(f for f in dataclasses.fields(DPOConfig) if f.name == name)
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
 
 
 @dataclass
 class LatentDPOConfig(DPOConfig):
     r"""
     Configuration of [`LatentDPOTrainer`]. `beta` is DPOConfig's (defaults to 0.1). The LM-related fields of
-    [`~trl.DPOConfig`] (max_length, padding, reference model, loss_type, ...) do not apply: no LM runs.
+    [`~trl.DPOConfig`] (`max_length`, padding, reference model, `loss_type`, `label_smoothing`, ...: the list is
+    `INERT_DPO_FIELDS`) cannot act, since no LM runs: setting one away from its default raises a `ValueError`
+    naming it.
 
     > Latent DPO
 
@@ -66,6 +104,21 @@ class LatentDPOConfig(DPOConfig):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the cached latent columns."})
 
     def __post_init__(self) -> None:
+        inert = []
+        for name in INERT_DPO_FIELDS:
+            value, default = getattr(self, name), _dpo_default(name)
+            if name == "loss_type" and isinstance(value, str):  # the CLI gives one string
+                value = [value]
+            if value != default:
+                inert.append(f"`{name}={value!r}` (DPOConfig's default: {default!r})")
+        if self.activation_checkpointing or self.gradient_checkpointing:
+            inert.append("`activation_checkpointing` / `gradient_checkpointing=True` (default: False)")
+        if inert:
+            raise ValueError(
+                f"LatentDPOConfig got {', '.join(inert)}, which would have no effect: Latent DPO runs no LM, "
+                "tokenizes nothing and uses N(0, I) as its reference. Remove "
+                + ("it." if len(inert) == 1 else "them.")
+            )
         if self.num_latent_samples <= 0:
             raise ValueError(f"`num_latent_samples` must be positive, got {self.num_latent_samples}.")
         if not 0.0 <= self.gap_quantile < 1.0:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import PreTrainedTokenizerBase, Trainer
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.utils import logging
 from trl import DPOTrainer
 
@@ -67,14 +67,21 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
     Logged metrics: `loss`, `rewards/accuracy` and `rewards/margin` (implicit reward rho on the kept latent pairs),
     `pairs/kept`, `prior/mean_norm` and `prior/std` (mean norm of the prior's mean, mean standard deviation).
 
+    The arguments come in [`~trl.DPOTrainer`]'s order, `(model, ref_model, args, data_collator, train_dataset, ...)`,
+    and `LatentDPOTrainer(model, args, ...)` works too. `ref_model`, `data_collator`, `compute_metrics`,
+    `quantization_config` and `peft_config` have nothing to act on and are refused when given.
+
     Args:
         model (`PrefAlignForCausalLM`): a trained (CLaP) backbone; it is not modified.
+        ref_model (*optional*): must be `None`: the reference is the N(0, I) prior. (A `LatentDPOConfig` passed
+            here, the second positional argument, is taken as `args`.)
         args (`LatentDPOConfig`, *optional*): settings.
         train_dataset, eval_dataset (`Dataset`): TRL preference datasets (`prompt`, `chosen`, `rejected`; standard or
             conversational).
         processing_class (`PreTrainedTokenizerBase`): the backbone's tokenizer.
         preference_embedding (`PreferenceEmbedding`, *optional*): continue training this embedding instead of N(0, I).
         latent_cache (`LatentCache`, *optional*): share an existing cache (e.g. one built for a response pool).
+        callbacks, optimizers: as in [`~transformers.Trainer`].
     """
 
     _tag_names = ["hf-prefalign", "latent-dpo"]
@@ -83,14 +90,39 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
     def __init__(
         self,
         model: PrefAlignForCausalLM,
+        ref_model: LatentDPOConfig | None = None,
         args: LatentDPOConfig | None = None,
+        data_collator: Any | None = None,
         train_dataset: Dataset | None = None,
         eval_dataset: Dataset | None = None,
         processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics: Any | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        quantization_config: Any | None = None,
+        peft_config: Any | None = None,
+        *,
         preference_embedding: PreferenceEmbedding | None = None,
         latent_cache: LatentCache | None = None,
-        callbacks: list | None = None,
     ):
+        # Arguments in TRL's positional order `(model, ref_model, args, ...)`; `(model, args, ...)` works too.
+        if isinstance(ref_model, TrainingArguments):
+            if args is not None:
+                raise TypeError("`args` was given twice: as the second positional argument and as `args=`.")
+            ref_model, args = None, ref_model
+        for name, value in (
+            ("ref_model", ref_model),
+            ("data_collator", data_collator),
+            ("compute_metrics", compute_metrics),
+            ("quantization_config", quantization_config),
+            ("peft_config", peft_config),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"LatentDPOTrainer does not use `{name}` (got {type(value).__name__}): Latent DPO trains a "
+                    "user's prior on cached latents, with N(0, I) as the reference and no LM call, so there is no "
+                    f"reference LM, token collator, prediction metric, quantization or adapter to set. Remove `{name}`."
+                )
         # Model: the backbone stays frozen and outside the Trainer; the trained module is the user's prior.
         if not isinstance(model, PrefAlignForCausalLM):
             raise TypeError(
@@ -154,6 +186,7 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             callbacks=callbacks,
+            optimizers=optimizers,
         )
         # Not given to Trainer as `processing_class`: it would try to align its special tokens with an LM config.
         self.tokenizer_for_latents = processing_class
