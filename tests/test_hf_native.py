@@ -125,3 +125,50 @@ def test_hub_options_are_forwarded_and_unknown_ones_reported(
     assert seen["revision"] == "main" and seen["force_download"] is True and seen["local_files_only"] is True
     assert seen["token"] is False
     assert _warnings(caplog) == ["PrefAlignForCausalLM.from_pretrained ignores ['not_an_option']."]
+
+
+def _backbone_with_user(family: str = "qwen2") -> PrefAlignForCausalLM:
+    from hf_prefalign import PreferenceEmbedding, PreferenceEmbeddingConfig
+
+    model = PrefAlignForCausalLM.from_base(make_tiny_base(family), latent_dim=LATENT_DIM).eval()
+    embedding = PreferenceEmbedding(
+        PreferenceEmbeddingConfig(
+            latent_dim=LATENT_DIM,
+            feature_dim=model.config.text_config.hidden_size,
+            backbone_fingerprint=model.fingerprint(),
+        )
+    )
+    model.preferences.add("alice", embedding)
+    return model
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["one-id", "id-per-row"])
+def test_sampled_preference_gives_each_returned_sequence_its_own_z(monkeypatch: pytest.MonkeyPatch, as_list: bool):
+    model = _backbone_with_user()
+    drawn = []
+    real = model.preference_latents
+
+    def spy(*args, **kwargs):
+        drawn.append(real(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(model, "preference_latents", spy)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    preference_id = ["alice", "alice"] if as_list else "alice"
+    torch.manual_seed(0)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        preference_id=preference_id,
+        preference_sampling="sample",
+        num_return_sequences=3,
+        max_new_tokens=2,
+        do_sample=False,
+    )
+    assert out.shape[0] == 6 and out[:3, :3].eq(ids[0]).all() and out[3:, :3].eq(ids[1]).all()  # row-major order
+    z = drawn[-1]
+    assert z.shape == (6, LATENT_DIM)
+    assert torch.cdist(z, z).add(torch.eye(6)).min() > 0, "two returned sequences share a z"
+
+    model.generate(input_ids=ids, preference_id="alice", num_return_sequences=3, max_new_tokens=2, do_sample=True)
+    assert drawn[-1].shape == (2, LATENT_DIM)  # the prior's mean: one z per prompt, shared by its sequences

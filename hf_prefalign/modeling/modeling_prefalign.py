@@ -766,7 +766,8 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                 A user of [`preferences`] for the whole batch, or one id per row (`None` rows are neutral); z is the
                 mean of each user's prior p_user(z|x) for the row's prompt. A mapping `{"alice": 0.7, "bob": 0.3}`
                 mixes users (the convex combination of their z). Exclusive with `latents`.
-            preference_sampling (`str`, *optional*, defaults to `"mean"`): `"mean"` or `"sample"` from the prior.
+            preference_sampling (`str`, *optional*, defaults to `"mean"`): `"mean"` or `"sample"` from the prior;
+                with `"sample"`, each of `num_return_sequences` sequences gets its own z (without beam search).
             preference_temperature (`float`, *optional*, defaults to 1.0): scales the prior's std when sampling.
             preference_strength (`float`, *optional*, defaults to 1.0): scales each user's z, its departure from the
                 neutral z = 0: 0 is the neutral (base) model, 1 the user as trained, above 1 stronger.
@@ -786,6 +787,20 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                 raise ValueError("Pass either `latents` or `preference_id`, not both.")
             if tokens is None or tokens.dtype not in (torch.long, torch.int):
                 raise ValueError("`preference_id` needs the prompt as token ids (`input_ids`).")
+            copies = self._sampled_copies(preference_sampling, kwargs)
+            if copies > 1:
+                # One z drawn per returned sequence: each prompt is repeated here (in the order generate's own
+                # expansion uses, row-major) so that each copy samples its own z, and generate expands nothing.
+                batch = tokens.shape[0]
+                if isinstance(preference_id, (list, tuple)):
+                    preference_id = [pid for pid in preference_id for _ in range(copies)]
+                if inputs is not None:
+                    inputs = inputs.repeat_interleave(copies, dim=0)
+                for key, value in list(kwargs.items()):
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                        kwargs[key] = value.repeat_interleave(copies, dim=0)  # (B * n, ...)
+                kwargs["num_return_sequences"] = 1
+                tokens = inputs if inputs is not None else kwargs.get("input_ids")
             latents = self.preference_latents(
                 tokens,
                 kwargs.get("attention_mask"),
@@ -798,6 +813,16 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             # Normalise to (B, Z) here: generate's own expansion for num_return_sequences / beams assumes it.
             kwargs["latents"] = self._resolve_latents(latents, tokens.shape[0], tokens.device)
         return super().generate(inputs, **kwargs)
+
+    def _sampled_copies(self, preference_sampling: str, kwargs: dict[str, Any]) -> int:
+        """How many sequences per prompt need their own sampled z: `num_return_sequences` when sampling z and not
+        searching beams (the sequences of one beam search share its z), else 1."""
+        if preference_sampling != "sample":
+            return 1
+        config = kwargs.get("generation_config") or self.generation_config or GenerationConfig()
+        copies = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", None)) or 1
+        return int(copies) if beams == 1 else 1
 
     # ------------------------------------------------------------------
     # Saving and loading
