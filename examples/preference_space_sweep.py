@@ -145,12 +145,15 @@ def main() -> None:
             }
         results["layers"][str(layer)] = {"users": per_user, "summary": summary}
         print(layer, json.dumps(summary), flush=True)
-    results["seconds"] = time.perf_counter() - start
-    output = Path(args.output)
+        results["seconds"] = time.perf_counter() - start
+        write(results, Path(args.output))  # after every layer: a stopped sweep keeps what it measured
+    print(render(results))
+
+
+def write(results: dict, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     output.with_suffix(".md").write_text(render(results))
-    print(render(results))
 
 
 def render(results: dict) -> str:
