@@ -124,6 +124,23 @@ def get_pool(name: str, prompts: Dataset, base, tokenizer, work: Path, args: arg
     return pool
 
 
+def get_backbone(
+    backbone_dir: Path, pool: Dataset, bf16_base, tokenizer, args: argparse.Namespace
+) -> PrefAlignForCausalLM:
+    """The CLaP backbone of the library defaults, trained on `pool` (frozen base in bf16 where the CPU has it) and
+    saved to `backbone_dir`, or loaded from there."""
+    if not (backbone_dir / "config.json").is_file():
+        model = PrefAlignForCausalLM.from_base(bf16_base, tokenizer=tokenizer)
+        clap_args = CLaPConfig(
+            output_dir=str(backbone_dir.parent / "clap-trainer"), save_strategy="no", report_to=[], seed=args.seed
+        )
+        if getattr(args, "clap_max_steps", None) is not None:
+            clap_args.max_steps = args.clap_max_steps
+        CLaPTrainer(model=model, args=clap_args, train_dataset=pool, processing_class=tokenizer).train()
+        model.save_pretrained(backbone_dir)
+    return PrefAlignForCausalLM.from_pretrained(backbone_dir, base_model=bf16_base).eval()
+
+
 # ----------------------------------------------------------------------
 # Encoder checks
 # ----------------------------------------------------------------------
@@ -409,15 +426,8 @@ def main() -> None:
     bf16_base, _ = load_default_base(dtype="auto")
     backbone_dir = work / "backbone"
     t = time.perf_counter()
-    if not (backbone_dir / "config.json").is_file():
-        model = PrefAlignForCausalLM.from_base(bf16_base, tokenizer=tokenizer)
-        clap_args = CLaPConfig(output_dir=str(work / "clap-trainer"), save_strategy="no", report_to=[], seed=args.seed)
-        if args.clap_max_steps is not None:
-            clap_args.max_steps = args.clap_max_steps
-        CLaPTrainer(model=model, args=clap_args, train_dataset=pool, processing_class=tokenizer).train()
-        model.save_pretrained(backbone_dir)
+    trained = get_backbone(backbone_dir, pool, bf16_base, tokenizer, args)
     timings["clap"] = time.perf_counter() - t
-    trained = PrefAlignForCausalLM.from_pretrained(backbone_dir, base_model=bf16_base).eval()
     results["clap_summary"] = trained.config.training_summary
     untrained = PrefAlignForCausalLM.from_base(bf16_base, tokenizer=tokenizer).eval()
     pca_only = PrefAlignForCausalLM.from_base(bf16_base, tokenizer=tokenizer)

@@ -286,10 +286,6 @@ def embedding_from_examples(
             "model. The backbone's encoder looks untrained: train it with CLaPTrainer first."
         )
     target = torch.full_like(mean, float(variance)) if variance is not None else moment_variance
-    # Invert logvar = lo + (hi - lo) * sigmoid(raw + shift) (see PreferenceEmbedding); a logvar at a bound is
-    # unreachable, so it is pulled just inside.
-    fraction = ((target.log() - lo) / (hi - lo)).clamp(1e-4, 1 - 1e-4)  # (Z,)
-    raw_logvar = torch.logit(fraction) - math.log(-lo / hi)
 
     config.training = {
         "method": "from_examples",
@@ -300,10 +296,41 @@ def embedding_from_examples(
         "build_seconds": round(time.perf_counter() - start, 3),
     }
     embedding = _new_embedding(config)
-    with torch.no_grad():
-        embedding.bias.copy_(torch.cat([mean, raw_logvar]))  # (2Z,): the prompt-independent mean and log-variance
-        embedding.up.zero_()  # no prompt-dependent part: the same z for every prompt
+    set_constant_prior(embedding, mean, target)
     return embedding.eval()
 
 
-__all__ = ["embedding_from_examples", "mix_embeddings", "normalize_mix_weights", "precision_weighted", "read_examples"]
+def set_constant_prior(embedding: PreferenceEmbedding, mean: torch.Tensor, variance: torch.Tensor) -> None:
+    """Make `embedding` the prompt-independent prior N(mean, diag(variance)) (`(Z,)` each), in place."""
+    lo, hi = embedding.config.logvar_min, embedding.config.logvar_max
+    # Invert logvar = lo + (hi - lo) * sigmoid(raw + shift) (see PreferenceEmbedding); a logvar at a bound is
+    # unreachable, so it is pulled just inside.
+    fraction = ((variance.float().log() - lo) / (hi - lo)).clamp(1e-4, 1 - 1e-4)  # (Z,)
+    raw_logvar = torch.logit(fraction) - math.log(-lo / hi)
+    with torch.no_grad():
+        embedding.bias.copy_(torch.cat([mean.float(), raw_logvar]))  # (2Z,)
+        embedding.up.zero_()  # no prompt-dependent part: the same z for every prompt
+
+
+def pairs_mean_difference(
+    chosen: DiagonalGaussian, rejected: DiagonalGaussian, rejected_weight: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a user who preferred `chosen` over `rejected` (`(N, Z)` posteriors) sits in z: the precision-weighted
+    mean of the chosen posteriors minus `rejected_weight` times that of the rejected ones, and the variance of the
+    chosen posteriors' moment-matched mixture; `(Z,)`, `(Z,)`. What [`PreferenceEmbedding.from_examples`] builds
+    from liked and disliked examples, and what Latent DPO starts from with `prior_init="pairs"`."""
+    mean, variance = precision_weighted(chosen)
+    if rejected_weight > 0:
+        mean = mean - rejected_weight * precision_weighted(rejected)[0]
+    return mean, variance
+
+
+__all__ = [
+    "embedding_from_examples",
+    "mix_embeddings",
+    "normalize_mix_weights",
+    "pairs_mean_difference",
+    "precision_weighted",
+    "read_examples",
+    "set_constant_prior",
+]

@@ -280,6 +280,36 @@ def test_trained_prior_prefers_the_chosen_side(users):
     assert (prior.mean - bob.mean).norm(dim=-1).min() > 0.5, "opposite users should have distinct priors"
 
 
+def test_pairs_init_starts_at_the_examples_mean_difference(tmp_path):
+    model = _backbone()
+    tokenizer = make_tiny_tokenizer()
+    cache = LatentCache(model, tokenizer)
+    pairs = _pairs()
+    trainer = _trainer(tmp_path, model=model, dataset=pairs, latent_cache=cache, prior_init="pairs")
+    # No step taken yet: the prior is what from_examples builds with the chosen responses liked, the rejected disliked.
+    liked = [{"prompt": row["prompt"], "response": row["chosen"]} for row in pairs]
+    disliked = [{"prompt": row["prompt"], "response": row["rejected"]} for row in pairs]
+    examples = PreferenceEmbedding.from_examples(model, tokenizer, liked, disliked, latent_cache=cache)
+    torch.testing.assert_close(trainer.model.bias, examples.bias)
+    assert trainer.model.bias[: model.config.latent_dim].norm() > 0
+    assert torch.count_nonzero(trainer.model.up) == 0
+    zeros = _trainer(tmp_path, model=model, dataset=pairs, name="zeros", latent_cache=cache)
+    assert torch.count_nonzero(zeros.model.bias) == 0, "prior_init='zeros' starts at N(0, I)"
+
+
+def test_constant_prior_trains_only_its_constant_part(tmp_path):
+    trainer = _trainer(tmp_path, prompt_dependent_prior=False, prior_init="pairs")
+    down, start = trainer.model.down.detach().clone(), trainer.model.bias.detach().clone()
+    trainer.train()
+    embedding = trainer.model
+    assert torch.count_nonzero(embedding.up) == 0 and torch.equal(embedding.down, down)
+    assert not torch.equal(embedding.bias, start), "the constant part did not train"
+    prior = embedding(_column(trainer.train_dataset, "features"))
+    assert torch.equal(prior.mean, prior.mean[:1].expand_as(prior.mean)), "the prior depends on the prompt"
+    assert embedding.config.training["prompt_dependent_prior"] is False
+    assert embedding.config.training["prior_init"] == "pairs"
+
+
 # ----------------------------------------------------------------------
 # The latent cache
 # ----------------------------------------------------------------------
@@ -660,6 +690,7 @@ def test_dataset_of_only_identical_responses_is_rejected(tmp_path):
         ({"beta": 0.0}, "beta"),
         ({"beta": -1.0}, "beta"),
         ({"prior_rank": 0}, "prior_rank"),
+        ({"prior_init": "random"}, "prior_init"),
     ],
 )
 def test_invalid_config_values_are_rejected(tmp_path, options, name):

@@ -38,6 +38,9 @@ INERT_DPO_FIELDS = (
 )
 
 
+PRIOR_INITS = ("zeros", "pairs")
+
+
 def _dpo_default(name: str):
     spec = next(f for f in dataclasses.fields(DPOConfig) if f.name == name)
     return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
@@ -58,6 +61,14 @@ class LatentDPOConfig(DPOConfig):
             Latents drawn per pair from each of N(0, I), q(z|x,y_w) and q(z|x,y_l).
         gap_quantile (`float`, *optional*, defaults to 0.75):
             Keep the latent pairs whose reward gap is at least this quantile of the pair's gaps.
+        prior_init (`str`, *optional*, defaults to `"zeros"`):
+            Where a new user's prior starts. `"zeros"`: N(0, I), the reference (the paper). `"pairs"`: the
+            prompt-independent prior at the precision-weighted mean difference of the pairs' chosen and rejected
+            posteriors (what [`PreferenceEmbedding.from_examples`] builds from them), so training refines a user who
+            already points the right way. Ignored when the trainer continues a given `preference_embedding`.
+        prompt_dependent_prior (`bool`, *optional*, defaults to `True`):
+            Train the rank-`prior_rank` prompt-dependent part of the prior. `False` trains only its constant mean and
+            log-variance (the same z for every prompt), so a user cannot fit the training prompts' content.
         prior_rank (`int`, *optional*, defaults to 8):
             Rank of the prompt-dependent part of the user's prior.
         latent_cache_dir (`str`, *optional*):
@@ -76,6 +87,14 @@ class LatentDPOConfig(DPOConfig):
         default=16, metadata={"help": "Latents per pair from each of the 3 distributions."}
     )
     gap_quantile: float = field(default=0.75, metadata={"help": "Quantile of reward gaps above which pairs are kept."})
+    prior_init: str = field(
+        default="zeros",
+        metadata={"help": "Start of a new user's prior: 'zeros' (N(0, I)) or 'pairs' (the pairs' mean difference)."},
+    )
+    prompt_dependent_prior: bool = field(
+        default=True,
+        metadata={"help": "Train the prompt-dependent part of the prior (False: its constant part only)."},
+    )
     prior_rank: int = field(default=8, metadata={"help": "Rank of the prompt-dependent part of the user's prior."})
     latent_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache of encoder outputs shared between users ('none': memory only)."}
@@ -123,6 +142,8 @@ class LatentDPOConfig(DPOConfig):
             raise ValueError(f"`num_latent_samples` must be positive, got {self.num_latent_samples}.")
         if not 0.0 <= self.gap_quantile < 1.0:
             raise ValueError(f"`gap_quantile` must be in [0, 1), got {self.gap_quantile}.")
+        if self.prior_init not in PRIOR_INITS:
+            raise ValueError(f"`prior_init` must be one of {PRIOR_INITS}, got {self.prior_init!r}.")
         if self.prior_rank <= 0:
             raise ValueError(f"`prior_rank` must be positive, got {self.prior_rank}.")
         if self.beta <= 0:

@@ -18,6 +18,7 @@ from ..hub.model_card import add_tags, preference_card, write_card
 from ..loading import default_cache_dir
 from ..modeling.distributions import DiagonalGaussian
 from ..modeling.modeling_prefalign import PrefAlignForCausalLM
+from ..personalisation import pairs_mean_difference, set_constant_prior
 from ..preference import PreferenceEmbedding, PreferenceEmbeddingConfig
 from ..utils.constants import README_NAME, WEIGHTS_NAME
 from ..utils.serialization import load_tensors
@@ -171,10 +172,23 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
                     backbone=model.name_or_path or None,
                 )
             )
+            if args.prior_init == "pairs":
+                columns = train_dataset[:]
+                set_constant_prior(
+                    preference_embedding,
+                    *pairs_mean_difference(
+                        DiagonalGaussian(columns["chosen_mean"], columns["chosen_logvar"]),
+                        DiagonalGaussian(columns["rejected_mean"], columns["rejected_logvar"]),
+                    ),
+                )
         else:
             preference_embedding.check_compatible(
                 latent_cache.fingerprint, model.config.latent_dim, model.config.text_config.hidden_size
             )
+
+        # Without a prompt-dependent part, only the constant mean and log-variance (`bias`) reach the optimizer.
+        for parameter in (preference_embedding.down, preference_embedding.up):
+            parameter.requires_grad_(args.prompt_dependent_prior)
 
         self._init_metrics()
         # DPOTrainer.__init__ would tokenize text and load a reference LM: none of that applies to Latent DPO.
@@ -256,6 +270,8 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
             "learning_rate": self.args.learning_rate,
             "num_latent_samples": self.args.num_latent_samples,
             "gap_quantile": self.args.gap_quantile,
+            "prior_init": self.args.prior_init,
+            "prompt_dependent_prior": self.args.prompt_dependent_prior,
             "train_seconds": round(seconds, 3),
             "posterior_separation": round(self.posterior_separation, 4),
             "final_loss": output.training_loss,
