@@ -804,6 +804,7 @@ def test_long_prompts_and_responses_are_truncated_to_max_length(tmp_path, caplog
         {"responses_per_step": 1},
         {"max_length": 1},
         {"gradient_checkpointing": True},
+        {"label_smoothing_factor": 0.1},
     ],
     ids=lambda options: next(iter(options)),
 )

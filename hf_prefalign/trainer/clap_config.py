@@ -227,6 +227,11 @@ class CLaPConfig(TrainingArguments):
             raise ValueError(f"`responses_per_step` must be at least 2 or None, got {self.responses_per_step}.")
         if self.max_length < 2:
             raise ValueError(f"`max_length` must be at least 2, got {self.max_length}.")
+        if self.label_smoothing_factor != 0.0:
+            raise ValueError(
+                f"`label_smoothing_factor={self.label_smoothing_factor}` would have no effect: CLaP computes its own "
+                "NLL of the responses given z (not the Trainer's label-smoothed loss). Remove it."
+            )
         if self.gradient_checkpointing:
             raise ValueError(
                 "gradient_checkpointing=True cannot be used with CLaP: checkpointed layers drop the cache that "
