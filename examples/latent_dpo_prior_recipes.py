@@ -1,4 +1,4 @@
-"""Which Latent DPO prior recipe moves users? Chosen on the validation split only (embedded default model, 2 CPU cores).
+"""Which Latent DPO prior recipe moves users? Chosen on the validation split, reported on the test split (2 CPU cores).
 
 On the CLaP backbone of `examples/preference_space_evidence.py` (trained there, or here with the same code and saved
 to the same place, so the evidence run reuses it), for each of its 6 simulated users and the same <= 256 pairs, it
@@ -9,12 +9,14 @@ compares where Latent DPO starts and what it trains (`LatentDPOConfig.prior_init
 - `pairs_constant`: start at the pairs' mean difference, only the constant mean and variance trained;
 - `examples`: the pairs' mean difference with no training (`PreferenceEmbedding.from_examples`).
 
-Each at preference strengths 1, 2 and 4, on the validation prompts (16 x 2 samples, same seeds for every setting):
-reward gain over the base model in base SDs, and perplexity of the samples under the base relative to the base's own.
-A recipe's score is its mean gain over users, each user at the strongest strength within +15% perplexity. Writes
-`<output>.json` and `<output>.md`.
+Each at the given preference strengths, on one split's prompts (validation: 16 x 2 samples; test: 48 x 4; same
+seeds for every setting, base model in the same batches): reward gain over the base model in base SDs and in SEs,
+and perplexity of the samples under the base relative to the base's own. On validation a recipe's score is its mean
+gain over users, each user at the strength with the highest reward within +15% perplexity; the best score wins.
+Settings are chosen on `--split val` only; `--split test` just reports. Writes `<output>.json` and `<output>.md`.
 
-    python examples/latent_dpo_prior_validation.py [--work-dir outputs/preference_space]
+    python examples/latent_dpo_prior_recipes.py --split val --strengths 1,2
+    python examples/latent_dpo_prior_recipes.py --split test --recipes pairs_constant --strengths validated
 """
 
 from __future__ import annotations
@@ -54,13 +56,22 @@ RECIPES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="outputs/preference_space")
-    parser.add_argument("--output", default="docs/preference_space/prior_validation")
-    parser.add_argument("--strengths", default="1,2,4")
+    parser.add_argument("--output", default=None, help="default: docs/preference_space/prior_recipes_<split>")
+    parser.add_argument("--split", choices=["val", "test"], default="val")
+    parser.add_argument(
+        "--strengths", default="1,2", help="comma-separated, or 'validated' (test: 1 and each user's validated one)"
+    )
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--users", nargs="+", default=USERS)
     parser.add_argument("--max-pairs", type=int, default=256)
-    parser.add_argument("--val-samples", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=None, help="samples per prompt (default: val 2, test 4)")
     cli = parser.parse_args()
+    if cli.strengths != "validated" and 1.0 not in [float(x) for x in cli.strengths.split(",")]:
+        parser.error("--strengths must include 1 (the default strength)")
+    if cli.strengths == "validated" and cli.split != "test":
+        parser.error("--strengths validated reads the validation run: use it with --split test")
+    cli.samples = cli.samples or (2 if cli.split == "val" else 4)
+    cli.output = cli.output or f"docs/preference_space/prior_recipes_{cli.split}"
     # The evidence run's splits and pools (its defaults)
     args = argparse.Namespace(
         train_prompts=128, probe_prompts=24, val_prompts=16, test_prompts=48, num_responses=8, seed=0,
@@ -106,7 +117,7 @@ def main() -> None:
                     generator.preference_latents(
                         torch.tensor([tokenize_prompt(tokenizer, p)]), None, f"{user}.{recipe}"
                     )[0]
-                    for p in splits["val"]["prompt"][:8]
+                    for p in splits[cli.split]["prompt"][:8]
                 ]
             )  # (8, Z)
             report["users"].setdefault(user, {})[recipe] = {
@@ -117,8 +128,17 @@ def main() -> None:
             }
         print(user, json.dumps(report["users"][user]), flush=True)
 
-    strengths = [float(s) for s in cli.strengths.split(",")]
-    settings = [(None, 0.0)] + [(u, r, s) for u in cli.users for r in cli.recipes for s in strengths]
+    # On validation each user's strength is chosen there; on test it is read from the validation run, never chosen.
+    validated = None
+    if cli.split == "test":
+        validated = json.loads(Path(cli.output.replace("_test", "_val")).with_suffix(".json").read_text())
+
+    def strengths_of(user: str, recipe: str) -> list[float]:
+        if cli.strengths == "validated":  # strength 1 (the default) and the one validation chose
+            return sorted({1.0, validated["users"][user][recipe]["chosen"]["strength"]})
+        return [float(s) for s in cli.strengths.split(",")]
+
+    settings = [(None, 0.0)] + [(u, r, s) for u in cli.users for r in cli.recipes for s in strengths_of(u, r)]
 
     def rows(ids, mask, c):
         if settings[c][0] is None:
@@ -127,22 +147,29 @@ def main() -> None:
         return {"latents": generator.preference_latents(ids, mask, f"{user}.{recipe}", strength=strength)}
 
     t = time.perf_counter()
-    val_prompts = list(splits["val"]["prompt"])
-    out = sample_rows(generator.generate, tokenizer, val_prompts, len(settings), rows, cli.val_samples, args, 10_000)
-    base_ppl = perplexity_under(bf16_base, tokenizer, val_prompts, out[0], cli.val_samples)
+    prompts = list(splits[cli.split]["prompt"])
+    seed = 10_000 if cli.split == "val" else 20_000
+    out = sample_rows(generator.generate, tokenizer, prompts, len(settings), rows, cli.samples, args, seed)
+    base_ppl = perplexity_under(bf16_base, tokenizer, prompts, out[0], cli.samples)
     base_texts = [tokenizer.decode(r, skip_special_tokens=True) for r in out[0]]
     for (user, recipe, strength), responses in zip(settings[1:], out[1:], strict=True):
         scorer = get_scorer(user)
         reference = stats(scorer(base_texts).tolist())
         reward = stats(scorer([tokenizer.decode(r, skip_special_tokens=True) for r in responses]).tolist())
         sd = reference["std"] or 1.0
+        se = (reward["se"] ** 2 + reference["se"] ** 2) ** 0.5
+        gain = reward["mean"] - reference["mean"]
         report["users"][user][recipe].setdefault("curve", []).append(
             {
                 "strength": strength,
-                "reward": reward["mean"],
-                "gain_sd": (reward["mean"] - reference["mean"]) / sd,
-                "gain_se_sd": (reward["se"] ** 2 + reference["se"] ** 2) ** 0.5 / sd,
-                "perplexity": perplexity_under(bf16_base, tokenizer, val_prompts, responses, cli.val_samples),
+                "reward": reward,
+                "base_reward": reference,
+                "gain_sd": gain / sd,
+                "gain_se_sd": se / sd,
+                "gain_in_se": gain / se if se > 0 else 0.0,
+                "perplexity": perplexity_under(bf16_base, tokenizer, prompts, responses, cli.samples),
+                "ended_naturally": sum(bool(r) and r[-1] == tokenizer.eos_token_id for r in responses)
+                / len(responses),
             }
         )
     scores = {}
@@ -150,7 +177,11 @@ def main() -> None:
         chosen = []
         for user in cli.users:
             entry = report["users"][user][recipe]
-            entry["chosen"] = pick_within_budget(entry["curve"], base_ppl)
+            if validated is None:
+                entry["chosen"] = pick_within_budget(entry["curve"], base_ppl)
+            else:
+                strength = validated["users"][user][recipe]["chosen"]["strength"]
+                entry["chosen"] = next(p for p in entry["curve"] if p["strength"] == strength)
             chosen.append(entry["chosen"])
         scores[recipe] = {
             "mean_gain_sd_within_budget": sum(c["gain_sd"] for c in chosen) / len(chosen),
@@ -163,7 +194,8 @@ def main() -> None:
             / len(cli.users),
         }
     report["scores"] = scores
-    report["winner"] = max(scores, key=lambda r: scores[r]["mean_gain_sd_within_budget"])
+    if cli.split == "val":
+        report["winner"] = max(scores, key=lambda r: scores[r]["mean_gain_sd_within_budget"])
     report["base_perplexity"] = base_ppl
     report["timings_seconds"] = {
         "clap": clap_seconds,
@@ -179,10 +211,11 @@ def main() -> None:
 
 def render(report: dict) -> str:
     users, recipes = list(report["users"]), list(report["scores"])
-    lines = ["<!-- generated by examples/latent_dpo_prior_validation.py; do not edit by hand -->", ""]
+    lines = ["<!-- generated by examples/latent_dpo_prior_recipes.py; do not edit by hand -->", ""]
     lines += [
-        f"Validation split only. Gain over the base model in base SDs at the strongest strength within "
-        f"+{round((report['budget'] - 1) * 100)}% perplexity (strength, perplexity ratio in brackets).",
+        f"Split `{report['settings']['split']}` ({report['settings']['samples']} samples per prompt). Gain over the "
+        f"base model in base SDs, at the strength with the highest reward within "
+        f"+{round((report['budget'] - 1) * 100)}% perplexity on validation (strength, perplexity ratio in brackets).",
         "",
         "| recipe | " + " | ".join(users) + " | mean +- SE | at strength 1 |",
         "|---|" + "---|" * (len(users) + 2),
@@ -200,7 +233,19 @@ def render(report: dict) -> str:
             + " | ".join(cells)
             + f" | {s['mean_gain_sd_within_budget']:+.2f} +- {s['se']:.2f} | {s['mean_gain_sd_at_strength_1']:+.2f} |"
         )
-    lines += ["", f"Winner: `{report['winner']}`.", ""]
+    lines += ["", "Every point (gain in base SDs / in SEs, perplexity ratio, answers ended naturally):", ""]
+    for user in users:
+        for recipe in recipes:
+            points = report["users"][user][recipe]["curve"]
+            text = "; ".join(
+                f"x{p['strength']:g}: {p['gain_sd']:+.2f} / {p['gain_in_se']:+.1f} SE, "
+                f"{p['perplexity'] / report['base_perplexity']:.2f}, {p['ended_naturally']:.2f}"
+                for p in points
+            )
+            lines.append(f"- {user}, {recipe}: {text}")
+    if "winner" in report:
+        lines += ["", f"Winner on validation: `{report['winner']}`."]
+    lines.append("")
     return "\n".join(lines)
 
 
