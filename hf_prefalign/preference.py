@@ -130,6 +130,22 @@ class PreferenceEmbedding(nn.Module):
         self.down = nn.Parameter(torch.randn(config.feature_dim, config.rank) / math.sqrt(config.feature_dim))
         self.up = nn.Parameter(torch.zeros(config.rank, out))
 
+    @classmethod
+    def _from_tensors(cls, config: PreferenceEmbeddingConfig, tensors: dict[str, torch.Tensor]) -> PreferenceEmbedding:
+        # An embedding holding the given `bias`, `down`, `up` (taken as they are, not copied), built without the
+        # constructor's random draw: no RNG consumed, and cheap enough to make thousands (many-user training).
+        embedding = cls.__new__(cls)
+        nn.Module.__init__(embedding)
+        embedding.config = config
+        out = 2 * config.latent_dim
+        shapes = {"bias": (out,), "down": (config.feature_dim, config.rank), "up": (config.rank, out)}
+        for name, shape in shapes.items():
+            tensor = tensors[name]
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"`{name}` must have shape {shape} for this config, got {tuple(tensor.shape)}.")
+            setattr(embedding, name, nn.Parameter(tensor.float()))
+        return embedding
+
     def forward(self, features: torch.Tensor) -> DiagonalGaussian:
         """p_user(z | x) for prompt features `(B, F)`; mean and logvar `(B, Z)` in fp32."""
         features = features.float()

@@ -8,6 +8,8 @@ import itertools
 import json
 import logging
 import math
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -586,3 +588,13 @@ def test_save_user_adds_a_user_in_place(tmp_path):
     stranger.add("zoe", PreferenceEmbedding(dataclasses.replace(EMBEDDING_CONFIG, backbone_fingerprint="0" * 64)))
     with pytest.raises(ValueError, match="another backbone"):
         stranger.save_user(tmp_path / "bank", "zoe")
+
+
+def test_benchmark_example_runs_in_quick_mode():
+    script = Path(__file__).resolve().parent.parent / "examples" / "many_users_benchmark.py"
+    result = runpy.run_path(str(script))["main"](["--quick"])
+    assert [run["users"] for run in result["runs"]] == [3, 6]
+    for run in result["runs"]:
+        assert run["train"]["users_per_s_cpu"] > 0 and run["train"]["peak_rss_mb"] > 0
+        assert run["write"]["users_per_s_wall"] > 0
+    assert result["one_by_one"]["users"] == 2 and result["update"]["updates"] == 1

@@ -88,7 +88,7 @@ class AlignArguments:
         },
     )
     users_per_batch: int = field(
-        default=64,
+        default=32,
         metadata={
             "help": "When --dataset holds many users (a `user_id` column, or a folder of <user_id>.jsonl files): "
             "users trained together in one batched step; the bank of all of them goes to --output_dir."
@@ -407,7 +407,7 @@ def _align_users(args: AlignArguments, config, dataset) -> int:
     output = Path(config.output_dir)
     if output.is_dir() and any(output.iterdir()) and not (output / "bank.json").is_file():
         raise FileExistsError(f"{output} holds something other than a preference bank; choose another --output_dir.")
-    total = len(dataset) if isinstance(dataset, dict) else len(set(dataset["user_id"]))
+    total = len(dataset) if isinstance(dataset, dict) else len(dataset.unique("user_id"))
     model, tokenizer = _load_backbone(args.backbone)
     bank = align_users(model, dataset, config, processing_class=tokenizer, users_per_batch=args.users_per_batch)
     bank.save(output)

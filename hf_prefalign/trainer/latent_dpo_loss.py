@@ -166,7 +166,7 @@ def latent_dpo_loss(
         metrics = {
             "pairs/kept": count / num_pairs,
             "rewards/margin": (scaled_margins * weights).sum(dim=(-2, -1)) / (-beta * denominator),
-            "rewards/accuracy": ((scaled_margins < 0).float() * weights).sum(dim=(-2, -1)) / denominator,
+            "rewards/accuracy": ((scaled_margins < 0) & keep).sum(dim=(-2, -1)) / denominator,
         }
     return loss, metrics
 

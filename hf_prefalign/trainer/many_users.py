@@ -68,7 +68,7 @@ logger = logging.get_logger(__name__)
 
 USER_ID_COLUMN = "user_id"
 SUPPORTED_SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
-DEFAULT_USERS_PER_BATCH = 64
+DEFAULT_USERS_PER_BATCH = 32
 _SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 _LISTED = 5  # user ids named in a warning
 
@@ -183,14 +183,8 @@ class StackedPreferenceEmbedding(nn.Module):
     def embedding(self, index: int, training: dict[str, Any] | None = None) -> PreferenceEmbedding:
         """User `index` as its own [`PreferenceEmbedding`] (a copy), with `training` as its `config.training`."""
         config = dataclasses.replace(self.config, training=dict(training or {}))
-        with torch.random.fork_rng(
-            devices=[]
-        ):  # the constructor's random `down` is overwritten: spare the caller's RNG
-            embedding = PreferenceEmbedding(config)
-        with torch.no_grad():
-            for name in ("bias", "down", "up"):
-                getattr(embedding, name).copy_(getattr(self, name)[index])
-        return embedding.eval()
+        tensors = {name: getattr(self, name)[index].detach().clone() for name in ("bias", "down", "up")}
+        return PreferenceEmbedding._from_tensors(config, tensors).eval()
 
 
 def stacked_prior(
@@ -244,11 +238,16 @@ def _pair_table(pairs: Dataset | Mapping[str, torch.Tensor]) -> dict[str, torch.
             f"LatentCache.encode_pairs: {list(PAIR_COLUMNS)}."
         )
     columns = {name: torch.as_tensor(table[name]).float() for name in PAIR_COLUMNS}
-    lengths = {name: len(tensor) for name, tensor in columns.items()}
-    if len(set(lengths.values())) != 1 or any(t.dim() != 2 for t in columns.values()):
+    shapes = {name: tuple(tensor.shape) for name, tensor in columns.items()}
+    posterior_shapes = {shape for name, shape in shapes.items() if name != "features"}
+    if (
+        len(shapes["features"]) != 2
+        or len(posterior_shapes) != 1
+        or len(next(iter(posterior_shapes))) != 2
+        or next(iter(posterior_shapes))[0] != shapes["features"][0]
+    ):
         raise ValueError(
-            f"The pair table's columns must be 2-D with one row per pair; got shapes "
-            f"{ {name: tuple(t.shape) for name, t in columns.items()} }."
+            f"The pair table's columns must be `features` (N, F) and four posterior columns (N, Z); got {shapes}."
         )
     return columns
 
@@ -276,8 +275,8 @@ class MultiUserLatentDPOTrainer:
             fingerprint and references); its `rank` is replaced by `args.prior_rank`, its `training` by the record.
         preference_embeddings (`dict[str, PreferenceEmbedding]`, *optional*): users to continue instead of starting
             them at `prior_init` (a warm start: weights only, fresh optimizer state).
-        users_per_batch (`int`, *optional*, defaults to 64): users per stack; memory grows linearly with it (about
-            6 MB per user at 64 pairs per batch and 16 latent samples), speed barely changes above ~16.
+        users_per_batch (`int`, *optional*, defaults to 32): users per stack; memory grows linearly with it (about
+            4 MB per user with 16 latent samples and batches of ~20 pairs); speed barely changes from 16 to 128.
 
     Example:
 
@@ -501,7 +500,7 @@ class MultiUserLatentDPOTrainer:
             selected = None if bool(active.all()) else active.nonzero().squeeze(1)
             batch_rows, batch_mask = _pick(rows[:, step], selected), _pick(mask[:, step], selected)  # (A, width)
             sizes = batch_mask.sum(-1).tolist()
-            # Each user's noise from its own stream, for its real pairs only: (3, M, A, width, Z)
+            # Each user's noise from its own stream, for its real pairs only
             noise = torch.zeros(len(sizes), width, 3, samples, latent_dim)  # (A, width, 3, M, Z)
             members = range(num) if selected is None else selected.tolist()
             for slot, (member, size) in enumerate(zip(members, sizes, strict=True)):
@@ -645,7 +644,7 @@ def _read_users(datasets: Mapping[str, Dataset] | Dataset) -> tuple[dict[str, li
                 f"A many-user preference dataset needs a `{USER_ID_COLUMN}` column naming each row's user; found "
                 f"{datasets.column_names}. Add one, or pass a mapping {{user_id: dataset}} (one user: LatentDPOTrainer)."
             )
-        ids = datasets[USER_ID_COLUMN]
+        ids = datasets.select_columns([USER_ID_COLUMN]).with_format(None)[:][USER_ID_COLUMN]  # a list, read at once
         for user_id in dict.fromkeys(ids):
             try:
                 validate_preference_id(user_id)
@@ -682,13 +681,15 @@ def _encode_users(
     pairs_by_user: Mapping[str, list[tuple[Any, str, str]]], latent_cache: LatentCache
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
     """The latent table of the distinct pairs (each encoded and stored once) and every user's rows of it."""
-    index: dict[str, int] = {}
+    index: dict[tuple[str, str, str], int] = {}
     unique: list[tuple[Any, str, str]] = []
     rows: dict[str, list[int]] = {}
     for user_id, pairs in pairs_by_user.items():
         own = []
         for pair in pairs:
-            key = json.dumps(pair, ensure_ascii=False, sort_keys=True, default=str)
+            prompt, good, bad = pair
+            # Text prompts are keys as they are; chat prompts (lists of messages) through canonical JSON.
+            key = pair if isinstance(prompt, str) else (json.dumps(prompt, sort_keys=True, default=str), good, bad)
             if key not in index:
                 index[key] = len(unique)
                 unique.append(pair)
@@ -758,7 +759,7 @@ def align_users(
             `latent_cache` is given).
         latent_cache (`LatentCache`, *optional*): a cache of this backbone to read and fill.
         preference_embeddings (`dict[str, PreferenceEmbedding]`, *optional*): users to continue (warm start).
-        users_per_batch (`int`, *optional*, defaults to 64): users trained together in one stack.
+        users_per_batch (`int`, *optional*, defaults to 32): users trained together in one stack.
 
     Returns:
         `PreferenceBank`: every aligned user; `bank.save(directory)` writes them (one folder per user + `bank.json`).
@@ -779,11 +780,25 @@ def align_users(
     pairs_by_user, identical = _read_users(datasets)
     if identical:
         logger.warning(f"Skipped {identical} row(s) whose chosen and rejected are identical.")
+    cache = _make_cache(model, processing_class, args, latent_cache)
+    return _align_encoded(model, pairs_by_user, args, cache, preference_embeddings, users_per_batch)
+
+
+def _align_encoded(
+    model: PrefAlignForCausalLM,
+    pairs_by_user: Mapping[str, list[tuple[Any, str, str]]],
+    args: LatentDPOConfig,
+    cache: LatentCache,
+    preference_embeddings: Mapping[str, PreferenceEmbedding] | None,
+    users_per_batch: int,
+) -> PreferenceBank:
+    """Encode the distinct pairs through `cache` (already checked against `model`) and train every user."""
     was_training = model.training
     model.eval()
-    cache = _make_cache(model, processing_class, args, latent_cache)
-    table, rows = _encode_users(pairs_by_user, cache)
-    model.train(was_training)
+    try:
+        table, rows = _encode_users(pairs_by_user, cache)
+    finally:
+        model.train(was_training)
     if not table:
         raise ValueError(f"No user has a usable pair ({len(rows)} user(s), all rows empty or chosen == rejected).")
     trainer = MultiUserLatentDPOTrainer(
@@ -832,30 +847,27 @@ def update_user(
     """
     validate_preference_id(preference_id)
     bank_directory = Path(bank_directory)
+    args = args if args is not None else LatentDPOConfig(output_dir="latent-dpo-update")
+    _check_config(args)
     index = read_bank_index(bank_directory)
-    fingerprint = model.fingerprint()
-    if index.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"The bank at {bank_directory} was built for another backbone (fingerprint "
-            f"{str(index.get('fingerprint'))[:12]}, this model's is {fingerprint[:12]})."
-        )
     known = index.get("preference_ids", [])
     if preference_id not in known:
         raise KeyError(
             f"User {preference_id!r} is not in the bank at {bank_directory} ({len(known)} user(s)); align a new "
             "user with align_users (or add it with PreferenceBank.save_user)."
         )
+    cache = _make_cache(model, processing_class, args, latent_cache)
+    if index.get("fingerprint") != cache.fingerprint:
+        raise ValueError(
+            f"The bank at {bank_directory} was built for another backbone (fingerprint "
+            f"{str(index.get('fingerprint'))[:12]}, this model's is {cache.fingerprint[:12]})."
+        )
     previous = PreferenceEmbedding.from_pretrained(bank_directory / preference_id)
     history = dict(previous.config.training)
-    bank = align_users(
-        model,
-        {preference_id: pairs},
-        args,
-        processing_class=processing_class,
-        latent_cache=latent_cache,
-        preference_embeddings={preference_id: previous},
-        users_per_batch=1,
-    )
+    pairs_by_user, identical = _read_users({preference_id: pairs})
+    if identical:
+        logger.warning(f"Skipped {identical} new row(s) whose chosen and rejected are identical.")
+    bank = _align_encoded(model, pairs_by_user, args, cache, {preference_id: previous}, users_per_batch=1)
     updated = bank.get(preference_id)
     record = updated.config.training
     record["updates"] = int(history.get("updates", 0)) + 1
