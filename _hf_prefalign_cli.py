@@ -16,8 +16,9 @@ COMMANDS = {
     "quickstart": "the whole method on the embedded default model: pool, CLaP, two users, side-by-side generations",
     "pool": "sample a response pool (K responses per prompt) from a model",
     "clap": "train a PrefAlign backbone with CLaP on a response pool",
-    "align": "align one user with Latent DPO (a preference dataset, or a named scorer over a pool), or build one "
-    "from liked examples without training (--from_examples)",
+    "align": "align one user with Latent DPO (a preference dataset, or a named scorer over a pool), many users into "
+    "a bank (a dataset with a user_id column, or a folder of <user_id>.jsonl files), or build one user from liked "
+    "examples without training (--from_examples)",
     "generate": "generate with a backbone, optionally for a user (--preference_id)",
     "push": "upload a saved backbone, preference embedding or bank to the Hub",
     "pull": "download a backbone, preference embedding or bank from the Hub",

@@ -30,7 +30,16 @@ from .modeling import (  # noqa: E402
     load_default_backbone,
 )
 from .preference import PreferenceEmbedding, PreferenceEmbeddingConfig  # noqa: E402
-from .trainer import CLaPConfig, CLaPTrainer, LatentDPOConfig, LatentDPOTrainer  # noqa: E402
+from .trainer import (  # noqa: E402
+    CLaPConfig,
+    CLaPTrainer,
+    LatentDPOConfig,
+    LatentDPOTrainer,
+    MultiUserLatentDPOTrainer,
+    StackedPreferenceEmbedding,
+    align_users,
+    update_user,
+)
 
 
 AutoConfig.register(PrefAlignConfig.model_type, PrefAlignConfig, exist_ok=True)
@@ -46,6 +55,7 @@ __all__ = [
     "LatentDPOTrainer",
     "LatentAdapter",
     "LatentEncoder",
+    "MultiUserLatentDPOTrainer",
     "PrefAlignConfig",
     "PrefAlignForCausalLM",
     "PrefAlignPreTrainedModel",
@@ -53,7 +63,9 @@ __all__ = [
     "PreferenceEmbedding",
     "PreferenceEmbeddingConfig",
     "ResponsePoolConfig",
+    "StackedPreferenceEmbedding",
     "__version__",
+    "align_users",
     "as_response_pool",
     "build_response_pool",
     "default_cache_dir",
@@ -63,4 +75,5 @@ __all__ = [
     "load_default_base",
     "load_response_pool",
     "save_response_pool",
+    "update_user",
 ]

@@ -15,7 +15,13 @@ from .personalisation import normalize_mix_weights
 from .preference import PreferenceEmbedding
 from .utils.paths import PREFERENCE_ID_PATTERN as _VALID_ID
 from .utils.paths import validate_preference_id
-from .utils.serialization import atomic_directory, read_consistent, require_directory, write_json_atomic
+from .utils.serialization import (
+    atomic_directory,
+    locked_directory,
+    read_consistent,
+    require_directory,
+    write_json_atomic,
+)
 
 
 BANK_INDEX = "bank.json"
@@ -207,7 +213,9 @@ class PreferenceBank:
                     and (directory / pid).is_dir()
                 )
             for preference_id, embedding in embeddings.items():
-                embedding.save_pretrained(tmp / preference_id)
+                # Straight into the staged bank folder, which becomes visible whole: a nested atomic save per user
+                # would lock, scan the ever-growing staging folder and fsync each file (quadratic in the users).
+                embedding._write_files(tmp / preference_id)
             write_json_atomic(
                 {
                     "fingerprint": self.fingerprint,
@@ -217,6 +225,29 @@ class PreferenceBank:
                 },
                 tmp / BANK_INDEX,
             )
+
+    def save_user(self, directory: str | os.PathLike, preference_id: str) -> None:
+        """Write one registered user into the bank saved at `directory`, in place, leaving every other user alone.
+
+        The user's folder is replaced whole ([`atomic_directory`]) and `bank.json` gains its id if it is new, both
+        under the bank folder's lock (so no [`~PreferenceBank.save`] swaps the folder meanwhile); no other user's
+        files are read, rewritten or re-linked, so the cost does not grow with the bank. This is how
+        [`update_user`] stores an online update.
+        """
+        directory = Path(directory)
+        self._check_id(preference_id)
+        embedding = self.get(preference_id)
+        with locked_directory(directory) as folder:
+            index = _read_index(folder)
+            if index.get("fingerprint") != self.fingerprint:
+                raise ValueError(
+                    f"The bank at {directory} was built for another backbone (fingerprint "
+                    f"{str(index.get('fingerprint'))[:12]}, this bank's is {self.fingerprint[:12]})."
+                )
+            embedding.save_pretrained(folder / preference_id)
+            ids = [pid for pid in index.get("preference_ids", []) if isinstance(pid, str)]
+            if preference_id not in ids:
+                write_json_atomic({**index, "preference_ids": sorted([*ids, preference_id])}, folder / BANK_INDEX)
 
     def push_to_hub(
         self,
@@ -241,7 +272,7 @@ class PreferenceBank:
     def load(self, directory: str | os.PathLike, lazy: bool = True) -> list[str]:
         """Register every user of a bank saved with [`~PreferenceBank.save`]; returns their ids."""
         directory = Path(directory)
-        index = read_consistent(directory, _read_index)
+        index = read_bank_index(directory)
         if index.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"The bank at {directory} was built for another backbone (fingerprint "
@@ -253,6 +284,12 @@ class PreferenceBank:
         for preference_id in ids:
             self.add_from_directory(preference_id, directory / preference_id, lazy=lazy)
         return ids
+
+
+def read_bank_index(directory: str | os.PathLike) -> dict:
+    """The `bank.json` of a saved bank (`fingerprint`, `latent_dim`, `feature_dim`, `preference_ids`), read
+    consistently with concurrent writers; an `OSError` names a missing or damaged index."""
+    return read_consistent(Path(directory), _read_index)
 
 
 def _read_index(directory: Path) -> dict:
@@ -268,4 +305,4 @@ def _read_index(directory: Path) -> dict:
     return index
 
 
-__all__ = ["PreferenceBank"]
+__all__ = ["BANK_INDEX", "PreferenceBank", "read_bank_index"]

@@ -300,15 +300,20 @@ def embedding_from_examples(
     return embedding.eval()
 
 
-def set_constant_prior(embedding: PreferenceEmbedding, mean: torch.Tensor, variance: torch.Tensor) -> None:
-    """Make `embedding` the prompt-independent prior N(mean, diag(variance)) (`(Z,)` each), in place."""
-    lo, hi = embedding.config.logvar_min, embedding.config.logvar_max
+def constant_prior_bias(mean: torch.Tensor, variance: torch.Tensor, config: PreferenceEmbeddingConfig) -> torch.Tensor:
+    """The `bias` `(2Z,)` whose prior, with no prompt-dependent part, is N(mean, diag(variance)) (`(Z,)` each)."""
+    lo, hi = config.logvar_min, config.logvar_max
     # Invert logvar = lo + (hi - lo) * sigmoid(raw + shift) (see PreferenceEmbedding); a logvar at a bound is
     # unreachable, so it is pulled just inside.
     fraction = ((variance.float().log() - lo) / (hi - lo)).clamp(1e-4, 1 - 1e-4)  # (Z,)
     raw_logvar = torch.logit(fraction) - math.log(-lo / hi)
+    return torch.cat([mean.float(), raw_logvar])  # (2Z,)
+
+
+def set_constant_prior(embedding: PreferenceEmbedding, mean: torch.Tensor, variance: torch.Tensor) -> None:
+    """Make `embedding` the prompt-independent prior N(mean, diag(variance)) (`(Z,)` each), in place."""
     with torch.no_grad():
-        embedding.bias.copy_(torch.cat([mean.float(), raw_logvar]))  # (2Z,)
+        embedding.bias.copy_(constant_prior_bias(mean, variance, embedding.config))  # (2Z,)
         embedding.up.zero_()  # no prompt-dependent part: the same z for every prompt
 
 
@@ -326,6 +331,7 @@ def pairs_mean_difference(
 
 
 __all__ = [
+    "constant_prior_bias",
     "embedding_from_examples",
     "mix_embeddings",
     "normalize_mix_weights",

@@ -91,6 +91,19 @@ class PreferenceEmbeddingConfig:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
+def prior_from_parameters(params: torch.Tensor, config: PreferenceEmbeddingConfig) -> DiagonalGaussian:
+    """The prior N(mean, exp(logvar)) from its raw parameters `[mean, raw_logvar]` `(..., 2Z)`: `(..., Z)` each.
+
+    logvar = lo + (hi - lo) * sigmoid(raw + shift), the shift chosen so that raw = 0 gives logvar = 0. Shared by
+    [`PreferenceEmbedding`] and the stacked priors of many-user training, so both compute the same prior.
+    """
+    mean, raw_logvar = params.chunk(2, dim=-1)  # 2 x (..., Z)
+    span = config.logvar_max - config.logvar_min
+    shift = math.log(-config.logvar_min / config.logvar_max)
+    logvar = config.logvar_min + span * torch.sigmoid(raw_logvar + shift)
+    return DiagonalGaussian(mean, logvar)
+
+
 class PreferenceEmbedding(nn.Module):
     """One user's prior p_user(z | x) = N(mean(x), diag(exp(logvar(x)))).
 
@@ -116,17 +129,28 @@ class PreferenceEmbedding(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out))
         self.down = nn.Parameter(torch.randn(config.feature_dim, config.rank) / math.sqrt(config.feature_dim))
         self.up = nn.Parameter(torch.zeros(config.rank, out))
-        # logvar = lo + (hi - lo) * sigmoid(raw + shift), with the shift chosen so that raw = 0 gives logvar = 0.
-        self._span = config.logvar_max - config.logvar_min
-        self._logvar_shift = math.log(-config.logvar_min / config.logvar_max)
+
+    @classmethod
+    def _from_tensors(cls, config: PreferenceEmbeddingConfig, tensors: dict[str, torch.Tensor]) -> PreferenceEmbedding:
+        # An embedding holding the given `bias`, `down`, `up` (taken as they are, not copied), built without the
+        # constructor's random draw: no RNG consumed, and cheap enough to make thousands (many-user training).
+        embedding = cls.__new__(cls)
+        nn.Module.__init__(embedding)
+        embedding.config = config
+        out = 2 * config.latent_dim
+        shapes = {"bias": (out,), "down": (config.feature_dim, config.rank), "up": (config.rank, out)}
+        for name, shape in shapes.items():
+            tensor = tensors[name]
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"`{name}` must have shape {shape} for this config, got {tuple(tensor.shape)}.")
+            setattr(embedding, name, nn.Parameter(tensor.float()))
+        return embedding
 
     def forward(self, features: torch.Tensor) -> DiagonalGaussian:
         """p_user(z | x) for prompt features `(B, F)`; mean and logvar `(B, Z)` in fp32."""
         features = features.float()
         params = self.bias + (features @ self.down) @ self.up  # (B, 2Z)
-        mean, raw_logvar = params.chunk(2, dim=-1)  # 2 x (B, Z)
-        logvar = self.config.logvar_min + self._span * torch.sigmoid(raw_logvar + self._logvar_shift)
-        return DiagonalGaussian(mean, logvar)
+        return prior_from_parameters(params, self.config)
 
     def latents(self, features: torch.Tensor, sample: bool = False, temperature: float = 1.0) -> torch.Tensor:
         """z for generation: the prior's mean, or a sample with its standard deviation scaled by `temperature`."""
@@ -248,22 +272,21 @@ class PreferenceEmbedding(nn.Module):
         save_directory = Path(save_directory)
         if save_directory.is_file():
             raise ValueError(f"save_directory ({save_directory}) must be a directory, not a file.")
-        metadata = {"format": "pt", "backbone_fingerprint": self.config.backbone_fingerprint}
         with atomic_directory(save_directory, carry=lambda name: name not in _OWNED_FILES) as tmp:
-            save_tensors_atomic(
-                {name: p.detach() for name, p in self.named_parameters()}, tmp / WEIGHTS_NAME, metadata
-            )
-            size = (tmp / WEIGHTS_NAME).stat().st_size
-            write_card(
-                preference_card,
-                tmp / README_NAME,
-                self,
-                existing=save_directory / README_NAME,
-                repo_id=repo_id,
-                size_bytes=size,
-            )
-            config = {**asdict(self.config), WEIGHTS_CHECKSUM_KEY: sha256_file(tmp / WEIGHTS_NAME)}
-            write_json_atomic(config, tmp / CONFIG_NAME)
+            self._write_files(tmp, existing_card=save_directory / README_NAME, repo_id=repo_id)
+
+    def _write_files(self, folder: Path, existing_card: Path | None = None, repo_id: str | None = None) -> None:
+        # The files of a save, written into a private folder that the caller makes visible whole: `save_pretrained`
+        # (one embedding) and `PreferenceBank.save` (thousands of them in one staged bank folder).
+        folder.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": "pt", "backbone_fingerprint": self.config.backbone_fingerprint}
+        save_tensors_atomic({name: p.detach() for name, p in self.named_parameters()}, folder / WEIGHTS_NAME, metadata)
+        size = (folder / WEIGHTS_NAME).stat().st_size
+        write_card(
+            preference_card, folder / README_NAME, self, existing=existing_card, repo_id=repo_id, size_bytes=size
+        )
+        config = {**asdict(self.config), WEIGHTS_CHECKSUM_KEY: sha256_file(folder / WEIGHTS_NAME)}
+        write_json_atomic(config, folder / CONFIG_NAME)
 
     def push_to_hub(
         self,
@@ -374,4 +397,4 @@ class PreferenceEmbedding(nn.Module):
             )
 
 
-__all__ = ["PreferenceEmbedding", "PreferenceEmbeddingConfig"]
+__all__ = ["PreferenceEmbedding", "PreferenceEmbeddingConfig", "prior_from_parameters"]

@@ -189,6 +189,111 @@ def test_align_from_a_preference_file(tiny_backbone_dir, tmp_path):
     assert PreferenceEmbedding.from_pretrained(tmp_path / "bob").config.training["pairs"] == 6
 
 
+def _user_rows(user: str, num: int, seed: int) -> list[dict[str, str]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {"prompt": random_words(generator), "chosen": random_words(generator), "rejected": random_words(generator)}
+        | {"user_id": user}
+        for _ in range(num)
+    ]
+
+
+def test_align_many_users_into_a_bank(tiny_backbone_dir, tmp_path, capsys):
+    rows = _user_rows("alice", 5, 1) + _user_rows("bob", 3, 2) + [{**_user_rows("dave", 1, 3)[0], "rejected": "w5"}]
+    rows[-1]["chosen"] = "w5"  # dave's only pair has chosen == rejected: skipped
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = [
+        "align",
+        "--backbone",
+        str(tiny_backbone_dir),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "bank"),
+    ]
+    assert main([*argv, *QUICK_ALIGN, "--users_per_batch", "1"]) == 0
+    assert "saved a bank of 2 users (1 skipped: no usable pair)" in capsys.readouterr().out
+    index = json.loads((tmp_path / "bank" / "bank.json").read_text())
+    assert index["preference_ids"] == ["alice", "bob"]
+    assert PreferenceEmbedding.from_pretrained(tmp_path / "bank" / "bob").config.training["pairs"] == 3
+
+    # A folder of <user_id>.jsonl files gives the same users (same pairs, same seeds)
+    folder = tmp_path / "per-user"
+    folder.mkdir()
+    for user in ("alice", "bob"):
+        lines = [
+            json.dumps({k: v for k, v in row.items() if k != "user_id"}) for row in rows if row["user_id"] == user
+        ]
+        (folder / f"{user}.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "erin.jsonl").write_text("")  # a user without pairs
+    argv = [
+        "align",
+        "--backbone",
+        str(tiny_backbone_dir),
+        "--dataset",
+        str(folder),
+        "--output_dir",
+        str(tmp_path / "b2"),
+    ]
+    assert main([*argv, *QUICK_ALIGN]) == 0
+    assert "saved a bank of 2 users (1 skipped" in capsys.readouterr().out
+    for user in ("alice", "bob"):
+        first = PreferenceEmbedding.from_pretrained(tmp_path / "bank" / user)
+        second = PreferenceEmbedding.from_pretrained(tmp_path / "b2" / user)
+        torch.testing.assert_close(first.bias, second.bias)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "extra", "code", "message"),
+    [
+        ("bad id!.jsonl", '{"prompt": "w5", "chosen": "w6", "rejected": "w7"}\n', [], 1, "the file name is the user id"),
+        ("users.jsonl", '{"prompt": "w5", "chosen": "w6", "rejected": "w7", "user_id": "a/b"}\n', [], 1, "Row 0"),
+        ("users.jsonl", '{"prompt": "w5", "chosen": "w6", "rejected": "w7", "user_id": "a"}\n',
+         ["--resume_from_checkpoint", "true"], 2, "does not apply to many users"),
+    ],
+)  # fmt: skip
+def test_many_user_mistakes_are_one_line_with_a_hint(
+    tiny_backbone_dir, tmp_path, capsys, name, content, extra, code, message
+):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / name).write_text(content)
+    source = folder if name.startswith("bad") else folder / name
+    (tmp_path / "out").mkdir()
+    argv = [
+        "align",
+        "--backbone",
+        str(tiny_backbone_dir),
+        "--dataset",
+        str(source),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    assert main([*argv, *QUICK_ALIGN, *extra]) == code
+    err = capsys.readouterr().err.strip().splitlines()[-2:]  # after datasets' "Generating train split" bar
+    assert message in err[0] and err[0].startswith("hf-prefalign align: error:") and err[1].startswith("hint:"), err
+
+
+def test_many_users_refuse_an_output_folder_that_holds_something_else(tiny_backbone_dir, tmp_path, capsys):
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in _user_rows("alice", 2, 1)))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    argv = [
+        "align",
+        "--backbone",
+        str(tiny_backbone_dir),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    assert main([*argv, *QUICK_ALIGN]) == 1
+    assert "holds something other than a preference bank" in capsys.readouterr().err
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [

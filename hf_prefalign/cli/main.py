@@ -87,6 +87,13 @@ class AlignArguments:
             "(`liked: false` marks disliked ones); builds the embedding from their posteriors, with no training."
         },
     )
+    users_per_batch: int = field(
+        default=32,
+        metadata={
+            "help": "When --dataset holds many users (a `user_id` column, or a folder of <user_id>.jsonl files): "
+            "users trained together in one batched step; the bank of all of them goes to --output_dir."
+        },
+    )
 
 
 @dataclass
@@ -339,6 +346,7 @@ def _align(argv: list[str]) -> int:
     from hf_prefalign.scorers import get_scorer
 
     args, config = _parse("align", (AlignArguments, LatentDPOConfig), argv)
+    resume_requested = bool(config.resume_from_checkpoint)
     _resume(config)
     sources = [args.dataset, args.scorer, args.from_examples]
     if sum(source is not None for source in sources) != 1:
@@ -352,12 +360,59 @@ def _align(argv: list[str]) -> int:
             raise UsageError("--scorer needs --pool (the response pool it ranks)")
         dataset = preference_pairs_from_pool(load_response_pool(args.pool), get_scorer(args.scorer))
     else:
-        dataset = _load_dataset(args.dataset, args.dataset_split)
+        dataset = _load_preference_data(args.dataset, args.dataset_split)
+    if isinstance(dataset, dict) or "user_id" in dataset.column_names:
+        if resume_requested:
+            raise UsageError("--resume_from_checkpoint does not apply to many users (no checkpoints are written)")
+        return _align_users(args, config, dataset)
     model, tokenizer = _load_backbone(args.backbone)
     trainer = LatentDPOTrainer(model, config, train_dataset=dataset, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_preference(config.output_dir)
     print(f"saved the preference embedding ({trainer.num_pairs} pairs) to {config.output_dir}")
+    return 0
+
+
+def _load_preference_data(source: str, split: str = "train"):
+    """A preference dataset (see `_load_dataset`), or `{user_id: dataset}` for a folder of `<user_id>.jsonl` /
+    `<user_id>.json` files (one user per file; an empty file is a user without pairs)."""
+    from datasets import Dataset
+
+    from hf_prefalign.utils.paths import validate_preference_id
+
+    path = Path(source)
+    if not path.is_dir() or any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
+        return _load_dataset(source, split)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".jsonl", ".json"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds neither a saved dataset nor per-user .jsonl/.json files.")
+    users = {}
+    for file in files:
+        try:
+            validate_preference_id(file.stem)
+        except ValueError as err:
+            raise ValueError(f"{file.name}: the file name is the user id. {err}") from None
+        if not file.read_text(encoding="utf-8").strip():
+            users[file.stem] = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+            continue
+        _check_json(file)
+        users[file.stem] = Dataset.from_json(str(file))
+    return users
+
+
+def _align_users(args: AlignArguments, config, dataset) -> int:
+    """`align` on many users' pairs (a `user_id` column or a folder of per-user files): a bank in --output_dir."""
+    from hf_prefalign import align_users
+
+    output = Path(config.output_dir)
+    if output.is_dir() and any(output.iterdir()) and not (output / "bank.json").is_file():
+        raise FileExistsError(f"{output} holds something other than a preference bank; choose another --output_dir.")
+    total = len(dataset) if isinstance(dataset, dict) else len(dataset.unique("user_id"))
+    model, tokenizer = _load_backbone(args.backbone)
+    bank = align_users(model, dataset, config, processing_class=tokenizer, users_per_batch=args.users_per_batch)
+    bank.save(output)
+    skipped = f" ({total - len(bank)} skipped: no usable pair)" if total > len(bank) else ""
+    print(f"saved a bank of {len(bank)} users{skipped} to {output}")
     return 0
 
 

@@ -79,10 +79,11 @@ def _read_cache(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, tor
     return dict(zip(index["prompts"], prompts, strict=True)), dict(zip(index["responses"], responses, strict=True))
 
 
-def normalize_preference_dataset(dataset: Dataset, name: str = "train") -> tuple[list[Any], list[str], list[str]]:
-    """Prompts, chosen and rejected texts of a TRL preference dataset (standard, conversational or implicit prompt).
+def read_preference_pairs(dataset: Dataset, name: str = "train") -> list[tuple[Any, str, str] | None]:
+    """Each row of a TRL preference dataset (standard, conversational or implicit prompt) as `(prompt, chosen,
+    rejected)` the way the encoder reads them, or `None` for a row whose chosen and rejected are identical.
 
-    Rows whose chosen and rejected responses are identical are skipped with a counted warning.
+    The columns are read whole (not row by row), which keeps datasets of many users' pairs cheap to read.
     """
     if len(dataset) == 0:
         raise ValueError(f"The {name} preference dataset is empty.")
@@ -93,27 +94,35 @@ def normalize_preference_dataset(dataset: Dataset, name: str = "train") -> tuple
             f"The {name} preference dataset lacks column(s) {sorted(missing)}; found {dataset.column_names}. "
             "Expected TRL's preference format: `prompt`, `chosen`, `rejected`."
         )
-    prompts, chosen, rejected, identical = [], [], [], 0
-    for row in dataset:
+    table = dataset.with_format(None)[:]
+    pairs: list[tuple[Any, str, str] | None] = []
+    for index, (chosen_value, rejected_value) in enumerate(zip(table["chosen"], table["rejected"], strict=True)):
         if "prompt" in columns:
-            prompt, good, bad = row["prompt"], response_text(row["chosen"]), response_text(row["rejected"])
-        elif is_conversational(row["chosen"]):  # implicit prompt: the conversation up to the last turn
-            prompt, good, bad = row["chosen"][:-1], row["chosen"][-1]["content"], row["rejected"][-1]["content"]
+            prompt, good, bad = table["prompt"][index], response_text(chosen_value), response_text(rejected_value)
+        elif is_conversational(chosen_value):  # implicit prompt: the conversation up to the last turn
+            prompt, good, bad = chosen_value[:-1], chosen_value[-1]["content"], rejected_value[-1]["content"]
         else:
             raise ValueError(
                 f"The {name} preference dataset has no `prompt` column and plain-text responses; found "
                 f"{dataset.column_names}."
             )
-        if good == bad:
-            identical += 1
-            continue
-        prompts.append(prompt)
-        chosen.append(good)
-        rejected.append(bad)
+        pairs.append(None if good == bad else (prompt, good, bad))
+    return pairs
+
+
+def normalize_preference_dataset(dataset: Dataset, name: str = "train") -> tuple[list[Any], list[str], list[str]]:
+    """Prompts, chosen and rejected texts of a TRL preference dataset (standard, conversational or implicit prompt).
+
+    Rows whose chosen and rejected responses are identical are skipped with a counted warning.
+    """
+    pairs = read_preference_pairs(dataset, name)
+    kept = [pair for pair in pairs if pair is not None]
+    identical = len(pairs) - len(kept)
     if identical:
         logger.warning(f"Skipped {identical} row(s) of the {name} dataset whose chosen and rejected are identical.")
-    if not prompts:
+    if not kept:
         raise ValueError(f"The {name} preference dataset has no usable pair (all chosen == rejected).")
+    prompts, chosen, rejected = (list(column) for column in zip(*kept, strict=True))
     return prompts, chosen, rejected
 
 
@@ -273,22 +282,26 @@ class LatentCache:
     def encode_pairs(self, dataset: Dataset, name: str = "train") -> Dataset:
         """Latent columns for a TRL preference dataset: `features` `(F,)` and the chosen / rejected posteriors' mean
         and log-variance `(Z,)` per pair. Entries already cached are reused; the rest are encoded and cached."""
-        prompts, chosen, rejected = normalize_preference_dataset(dataset, name)
+        columns = self.pair_latents(*normalize_preference_dataset(dataset, name))
+        return Dataset.from_dict({key: tensor.numpy() for key, tensor in columns.items()}).with_format("torch")
+
+    def pair_latents(self, prompts: list[Any], chosen: list[str], rejected: list[str]) -> dict[str, torch.Tensor]:
+        """The latent columns of `encode_pairs` (`PAIR_COLUMNS`: `(N, F)` features, `(N, Z)` means and
+        log-variances) for pairs given as lists, without building a dataset: how many users' pairs are encoded once.
+        """
         self._encode_missing(
             prompts, list(zip(prompts, chosen, strict=True)) + list(zip(prompts, rejected, strict=True))
         )
         features = torch.stack([self._prompts[self._prompt_key(p)] for p in prompts])
         good = torch.stack([self._responses[self._response_key(p, r)] for p, r in zip(prompts, chosen, strict=True)])
         bad = torch.stack([self._responses[self._response_key(p, r)] for p, r in zip(prompts, rejected, strict=True)])
-        return Dataset.from_dict(
-            {
-                "features": features.numpy(),
-                "chosen_mean": good[:, 0].numpy(),
-                "chosen_logvar": good[:, 1].numpy(),
-                "rejected_mean": bad[:, 0].numpy(),
-                "rejected_logvar": bad[:, 1].numpy(),
-            }
-        ).with_format("torch")
+        return {
+            "features": features,
+            "chosen_mean": good[:, 0],
+            "chosen_logvar": good[:, 1],
+            "rejected_mean": bad[:, 0],
+            "rejected_logvar": bad[:, 1],
+        }
 
     def posteriors(self, prompts: list[Any], responses: list[str]) -> DiagonalGaussian:
         """q(z|x,y) of each (prompt, response), encoded exactly as for Latent DPO (cached entries reused).
@@ -311,4 +324,4 @@ class LatentCache:
         self._encode_missing(prompts, pairs)
 
 
-__all__ = ["PAIR_COLUMNS", "LatentCache", "normalize_preference_dataset"]
+__all__ = ["PAIR_COLUMNS", "LatentCache", "normalize_preference_dataset", "read_preference_pairs"]

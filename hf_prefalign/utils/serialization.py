@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -68,8 +69,24 @@ class IntegrityError(OSError):
 # ----------------------------------------------------------------------
 # fsync helpers
 # ----------------------------------------------------------------------
+# Staging folders of the `atomic_directory` blocks open in this thread. Files written inside one need no fsync of
+# their own: the whole staging tree is synced before it becomes visible (under a bank of thousands of users, per-file
+# fsyncs were most of a save).
+_STAGING = threading.local()
+# Above this many entries, a staged tree is flushed with one sync() instead of an fsync per file and folder.
+_SYNC_ALL_ENTRIES = 64
+
+
+def _staged(path: Path) -> bool:
+    text = os.fspath(path)
+    return any(text == root or text.startswith(root + os.sep) for root in getattr(_STAGING, "roots", ()))
+
+
 def _fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder's entry list); a no-op where the OS refuses (Windows folders)."""
+    """fsync a file or a folder (a folder's entry list); a no-op where the OS refuses (Windows folders), and for
+    paths inside a staging folder, which is synced whole before it is swapped in."""
+    if _staged(path):
+        return
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
     try:
         fd = os.open(path, flags)
@@ -84,10 +101,16 @@ def _fsync_path(path: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
+    """Make every file and folder under `root` durable: one fsync each, or, for a large tree where the OS has it,
+    one `sync()` (it flushes all file systems and waits for them, hundreds of times faster than thousands of fsyncs)."""
+    entries = [(Path(folder), files) for folder, _, files in os.walk(root)]
+    if hasattr(os, "sync") and sum(1 + len(files) for _, files in entries) > _SYNC_ALL_ENTRIES and not _staged(root):
+        os.sync()
+        return
+    for folder, files in entries:
         for name in files:
-            _fsync_path(Path(folder) / name)
-        _fsync_path(Path(folder))
+            _fsync_path(folder / name)
+        _fsync_path(folder)
 
 
 # ----------------------------------------------------------------------
@@ -409,8 +432,13 @@ def atomic_directory(path: str | os.PathLike, carry: Callable[[str], bool] | Non
         tx = uuid.uuid4().hex[:12]
         staging = target.parent / f"{INTERNAL_PREFIX}{target.name}.{tx}.tmp"
         staging.mkdir()
+        roots = _STAGING.__dict__.setdefault("roots", [])
         try:
-            yield staging
+            roots.append(os.fspath(staging))
+            try:
+                yield staging
+            finally:
+                roots.remove(os.fspath(staging))
             for entry in staging.iterdir():  # locks of nested writes into the private staging folder
                 if entry.name.startswith(INTERNAL_PREFIX):
                     entry.unlink() if entry.is_file() else shutil.rmtree(entry)
@@ -440,3 +468,16 @@ def atomic_directory(path: str | os.PathLike, carry: Callable[[str], bool] | Non
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def locked_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the writer lock of the folder `path` (the one [`atomic_directory`] takes) while replacing parts of it in
+    place, e.g. one user of a bank: no whole-folder swap can happen meanwhile. An interrupted swap of the folder is
+    finished first. Yields the resolved folder; a `FileNotFoundError` if there is none."""
+    target = Path(os.path.realpath(path))
+    with _lock(target):
+        _recover_locked(target)
+        if not target.is_dir():
+            raise FileNotFoundError(f"No folder at {path}.")
+        yield target

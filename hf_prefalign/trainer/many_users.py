@@ -1,0 +1,885 @@
+"""Latent DPO for many users in one run: one shared latent cache, the users' priors stacked and trained together.
+
+Aligning users one [`LatentDPOTrainer`] at a time spends most of its time outside the math: a `Trainer`, a
+dataloader, an optimizer and a cache lookup of every text, per user, for a prior of a few thousand parameters. Here
+the users' pairs are encoded once (a pair shared by many users is encoded and stored once), U users' priors are one
+[`StackedPreferenceEmbedding`] (`bias` `(U, 2Z)`, `down` `(U, F, r)`, `up` `(U, r, 2Z)`), and the Latent DPO loss
+runs over a leading user dimension ([`latent_dpo_loss`]), so one step updates every user at once.
+
+Each user is trained exactly as it would be alone, so its embedding does not depend on which other users share the
+run, in which order, or on `users_per_batch`:
+
+- **Data.** Per-user epochs over the user's own pairs: each epoch is a fresh permutation cut into batches of
+  `per_device_train_batch_size` (the last one smaller), so users with different numbers of pairs take different
+  numbers of steps (`ceil(num_train_epochs * ceil(pairs / batch))`, or `max_steps`, as the `Trainer` counts them).
+  The batches of one step are padded to the largest and the padding is masked out of the loss; users whose steps are
+  done sit out the remaining steps of their group (users are grouped by pair count, so that is rare).
+- **Randomness.** User u's permutations come from a `torch.Generator` seeded with `user_seed(data_seed or seed, u,
+  "shuffle")`, its latents from one seeded with `user_seed(seed, u, "noise")`: at each step, `torch.randn((3, M, b,
+  Z))` for its b pairs (N(0, I), chosen, rejected noise, in that order). `down` starts as in [`LatentDPOTrainer`]
+  (`torch.manual_seed(seed)`), so every new user shares it.
+- **Optimizer.** AdamW with `adam_beta1`, `adam_beta2`, `adam_epsilon`, per-user step counts and learning-rate
+  schedules (`linear`, `constant`, `constant_with_warmup`, `cosine`, with `warmup_steps`), elementwise on the stacked
+  parameters, hence exact per user; `weight_decay` on `down` and `up` but not `bias` (the `Trainer` exempts
+  parameters named "bias"); `max_grad_norm` clips each user's gradient norm, not the stack's.
+
+No LM or encoder runs during training. Settings of [`LatentDPOConfig`] that cannot apply here
+(gradient accumulation, evaluation, checkpoints, other optimizers or schedules, mixed precision, `report_to`) are
+refused with a `ValueError` naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..bank import PreferenceBank, read_bank_index
+from ..data.latent_cache import PAIR_COLUMNS, LatentCache, read_preference_pairs
+from ..loading import default_cache_dir
+from ..modeling.distributions import DiagonalGaussian
+from ..personalisation import constant_prior_bias, pairs_mean_difference
+from ..preference import PreferenceEmbedding, PreferenceEmbeddingConfig, prior_from_parameters
+from ..utils.paths import validate_preference_id
+from .latent_dpo_config import LatentDPOConfig
+from .latent_dpo_loss import latent_dpo_loss
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..modeling.modeling_prefalign import PrefAlignForCausalLM
+
+
+logger = logging.get_logger(__name__)
+
+USER_ID_COLUMN = "user_id"
+SUPPORTED_SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
+DEFAULT_USERS_PER_BATCH = 32
+_SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+_LISTED = 5  # user ids named in a warning
+
+
+def user_seed(seed: int, user_id: str, stream: str) -> int:
+    """The seed of one user's random stream (`"shuffle"` or `"noise"`): a hash of `(seed, user_id, stream)`.
+
+    Seeding by the id, not by a position, makes a user's training independent of who else is in the run.
+    """
+    digest = hashlib.sha256(json.dumps([int(seed), user_id, stream]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _check_config(args: LatentDPOConfig) -> None:
+    """Refuse the settings that a `Trainer` would honour but that have nothing to act on in a batched run."""
+    if not isinstance(args, LatentDPOConfig):
+        raise TypeError(f"`args` must be a LatentDPOConfig, got {type(args).__name__}.")
+    refused = []
+    if args.gradient_accumulation_steps != 1:
+        refused.append(f"`gradient_accumulation_steps={args.gradient_accumulation_steps}` (use a larger batch)")
+    scheduler = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    if scheduler not in SUPPORTED_SCHEDULERS:
+        refused.append(f"`lr_scheduler_type={scheduler!r}` (supported: {', '.join(SUPPORTED_SCHEDULERS)})")
+    if args.lr_scheduler_kwargs:
+        refused.append(f"`lr_scheduler_kwargs={args.lr_scheduler_kwargs!r}`")
+    optimizer = str(getattr(args.optim, "value", args.optim))
+    if optimizer not in _SUPPORTED_OPTIMIZERS:
+        refused.append(f"`optim={optimizer!r}` (supported: AdamW, {' / '.join(_SUPPORTED_OPTIMIZERS)})")
+    for name, default in (("eval_strategy", "no"), ("save_strategy", "no")):
+        value = str(getattr(getattr(args, name), "value", getattr(args, name)))
+        if value != default:
+            refused.append(f"`{name}={value!r}` (no evaluation set or checkpoints: the bank is the output)")
+    if args.resume_from_checkpoint:
+        refused.append("`resume_from_checkpoint` (no checkpoints are written)")
+    if args.dataloader_drop_last:
+        refused.append("`dataloader_drop_last=True` (every pair of a user counts)")
+    if args.fp16 or args.bf16:
+        refused.append("`fp16` / `bf16` (latent densities are computed in fp32)")
+    if args.report_to and args.report_to != ["none"]:
+        refused.append(f"`report_to={args.report_to!r}` (progress is logged through the `transformers` logger)")
+    if refused:
+        raise ValueError(
+            f"Many-user Latent DPO cannot apply {', '.join(refused)}. Leave "
+            + ("it at its default." if len(refused) == 1 else "them at their defaults.")
+        )
+
+
+def _lr_factor(scheduler: str, step: torch.Tensor, warmup: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """The learning-rate multiplier of each user's update number `step` (0-based), as transformers' schedules compute
+    it for a run of `total` steps with `warmup` warmup steps; all `(U,)` float64."""
+    ramp = step / warmup.clamp(min=1.0)
+    if scheduler == "constant":
+        return torch.ones_like(step)
+    if scheduler == "constant_with_warmup":
+        after = torch.ones_like(step)
+    elif scheduler == "linear":
+        after = ((total - step) / (total - warmup).clamp(min=1.0)).clamp(min=0.0)
+    else:  # cosine, half a cycle (transformers' default)
+        progress = (step - warmup) / (total - warmup).clamp(min=1.0)
+        after = (0.5 * (1.0 + torch.cos(math.pi * 0.5 * 2.0 * progress))).clamp(min=0.0)
+    return torch.where(step < warmup, ramp, after)
+
+
+class StackedPreferenceEmbedding(nn.Module):
+    """U users' priors as one module: `bias` `(U, 2Z)`, `down` `(U, F, r)`, `up` `(U, r, 2Z)`.
+
+    User u's slice computes exactly what its own [`PreferenceEmbedding`] computes: `[mean, raw_logvar] = bias[u] +
+    (f(x) @ down[u]) @ up[u]`, bounded the same way. Every user shares one config (sizes, rank, log-variance
+    bounds). It is how [`MultiUserLatentDPOTrainer`] holds a group of users; `embedding(u)` gives one user back.
+
+    Args:
+        config (`PreferenceEmbeddingConfig`): the users' shared config.
+        num_users (`int`): U; parameters start at zero (use `from_embeddings` to stack existing users).
+    """
+
+    def __init__(self, config: PreferenceEmbeddingConfig, num_users: int):
+        super().__init__()
+        self.config = config
+        out = 2 * config.latent_dim
+        self.bias = nn.Parameter(torch.zeros(num_users, out))
+        self.down = nn.Parameter(torch.zeros(num_users, config.feature_dim, config.rank))
+        self.up = nn.Parameter(torch.zeros(num_users, config.rank, out))
+
+    def __len__(self) -> int:
+        return self.bias.shape[0]
+
+    @classmethod
+    def from_embeddings(cls, embeddings: Sequence[PreferenceEmbedding]) -> StackedPreferenceEmbedding:
+        """Stack users that share sizes, rank and bounds (their `training` records are not kept)."""
+        if not embeddings:
+            raise ValueError("Nothing to stack: give at least one PreferenceEmbedding.")
+        first = embeddings[0].config
+        shape = (first.latent_dim, first.feature_dim, first.rank, first.logvar_min, first.logvar_max)
+        for index, embedding in enumerate(embeddings):
+            config = embedding.config
+            found = (config.latent_dim, config.feature_dim, config.rank, config.logvar_min, config.logvar_max)
+            if found != shape:
+                raise ValueError(
+                    f"Embedding {index} has (latent_dim, feature_dim, rank, logvar_min, logvar_max)={found}, "
+                    f"embedding 0 has {shape}: only embeddings of the same shape and bounds can be stacked."
+                )
+        stack = cls(dataclasses.replace(first, training={}), len(embeddings))
+        with torch.no_grad():
+            for name in ("bias", "down", "up"):
+                getattr(stack, name).copy_(torch.stack([getattr(e, name).detach().float() for e in embeddings]))
+        return stack
+
+    def forward(self, features: torch.Tensor) -> DiagonalGaussian:
+        """Each user's prior for its own prompt features `(U, B, F)`: mean and logvar `(U, B, Z)`, fp32."""
+        return stacked_prior(self.bias, self.down, self.up, features.float(), self.config)
+
+    def embedding(self, index: int, training: dict[str, Any] | None = None) -> PreferenceEmbedding:
+        """User `index` as its own [`PreferenceEmbedding`] (a copy), with `training` as its `config.training`."""
+        config = dataclasses.replace(self.config, training=dict(training or {}))
+        tensors = {name: getattr(self, name)[index].detach().clone() for name in ("bias", "down", "up")}
+        return PreferenceEmbedding._from_tensors(config, tensors).eval()
+
+
+def stacked_prior(
+    bias: torch.Tensor,
+    down: torch.Tensor | None,
+    up: torch.Tensor | None,
+    features: torch.Tensor | None,
+    config: PreferenceEmbeddingConfig,
+) -> DiagonalGaussian:
+    """The priors of U users from stacked parameters, for their prompt features `(U, B, F)`: `(U, B, Z)` each.
+
+    `down` / `up` / `features` may be `None` when every `up` is zero (no prompt-dependent part), which skips the
+    matrix products: `bias + 0` is `bias` exactly.
+    """
+    params = bias.unsqueeze(1)  # (U, 1, 2Z)
+    if features is not None and down is not None and up is not None:
+        params = params + torch.bmm(torch.bmm(features, down), up)  # (U, B, 2Z)
+    return prior_from_parameters(params, config)
+
+
+# ----------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------
+def _pick(tensor: torch.Tensor, selected: torch.Tensor | None) -> torch.Tensor:
+    """The rows of the users taking part in a step (all of them when `selected` is None)."""
+    return tensor if selected is None else tensor[selected.to(tensor.device)]
+
+
+@dataclass
+class _User:
+    user_id: str
+    rows: torch.Tensor  # (n,) rows of the shared pair table
+    start: PreferenceEmbedding | None  # a warm start, or None for a new user
+
+
+def _pair_table(pairs: Dataset | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The latent columns as fp32 tensors, checked for presence and matching lengths."""
+    if isinstance(pairs, Dataset):
+        missing = [name for name in PAIR_COLUMNS if name not in pairs.column_names]
+        found = pairs.column_names
+        table = pairs.with_format("torch")[:] if not missing else {}
+    elif isinstance(pairs, Mapping):
+        missing = [name for name in PAIR_COLUMNS if name not in pairs]
+        found = sorted(pairs)
+        table = pairs
+    else:
+        raise TypeError(f"`pairs` must be a Dataset or a mapping of tensors, got {type(pairs).__name__}.")
+    if missing:
+        raise ValueError(
+            f"The pair table lacks column(s) {missing}; found {found}. Expected the latent columns of "
+            f"LatentCache.encode_pairs: {list(PAIR_COLUMNS)}."
+        )
+    columns = {name: torch.as_tensor(table[name]).float() for name in PAIR_COLUMNS}
+    shapes = {name: tuple(tensor.shape) for name, tensor in columns.items()}
+    posterior_shapes = {shape for name, shape in shapes.items() if name != "features"}
+    if (
+        len(shapes["features"]) != 2
+        or len(posterior_shapes) != 1
+        or len(next(iter(posterior_shapes))) != 2
+        or next(iter(posterior_shapes))[0] != shapes["features"][0]
+    ):
+        raise ValueError(
+            f"The pair table's columns must be `features` (N, F) and four posterior columns (N, Z); got {shapes}."
+        )
+    return columns
+
+
+class MultiUserLatentDPOTrainer:
+    r"""
+    Trains many users' [`PreferenceEmbedding`]s at once with Latent DPO, on one table of latent pairs they share.
+
+    Users are grouped by rank and pair count into stacks of `users_per_batch` ([`StackedPreferenceEmbedding`]),
+    each trained in one loop of batched steps. Every user gets the training it would get alone (see the module
+    docstring for the exact contract: per-user epochs, random streams, AdamW state, schedule and gradient clipping),
+    and its embedding records `config.training` like [`LatentDPOTrainer`]'s (`method`, `pairs`, `steps`, settings,
+    `final_loss`, `posterior_separation`, reward accuracy of the first and last `logging_steps` steps), plus
+    `users_in_run` and, for users continued from an embedding, `warm_start: true`. Use [`align_users`] to start from
+    text; this class starts from latents.
+
+    Args:
+        args (`LatentDPOConfig`): the settings of every user.
+        pairs (`datasets.Dataset` or `dict[str, torch.Tensor]`): the shared table of latent pairs, `PAIR_COLUMNS`
+            (as [`LatentCache.encode_pairs`] / [`LatentCache.pair_latents`] give them): `features` `(N, F)` and the
+            chosen / rejected posteriors' `*_mean`, `*_logvar` `(N, Z)`.
+        users (`dict[str, Sequence[int]]`): each user's rows of `pairs` (a row may belong to any number of users).
+            A user without rows is skipped with a counted warning.
+        embedding_config (`PreferenceEmbeddingConfig`): what every new user's config copies (sizes, backbone
+            fingerprint and references); its `rank` is replaced by `args.prior_rank`, its `training` by the record.
+        preference_embeddings (`dict[str, PreferenceEmbedding]`, *optional*): users to continue instead of starting
+            them at `prior_init` (a warm start: weights only, fresh optimizer state).
+        users_per_batch (`int`, *optional*, defaults to 32): users per stack; memory grows linearly with it (about
+            4 MB per user with 16 latent samples and batches of ~20 pairs); speed barely changes from 16 to 128.
+
+    Example:
+
+    ```python
+    >>> trainer = MultiUserLatentDPOTrainer(config, pairs, {"alice": [0, 1, 2], "bob": [2, 3]}, embedding_config)
+    >>> bank = trainer.train()
+    >>> bank.ids()
+    ['alice', 'bob']
+    ```
+    """
+
+    def __init__(
+        self,
+        args: LatentDPOConfig,
+        pairs: Dataset | Mapping[str, torch.Tensor],
+        users: Mapping[str, Sequence[int] | torch.Tensor],
+        embedding_config: PreferenceEmbeddingConfig,
+        *,
+        preference_embeddings: Mapping[str, PreferenceEmbedding] | None = None,
+        users_per_batch: int = DEFAULT_USERS_PER_BATCH,
+    ):
+        _check_config(args)
+        if not isinstance(users_per_batch, int) or isinstance(users_per_batch, bool) or users_per_batch < 1:
+            raise ValueError(f"`users_per_batch` must be a positive integer, got {users_per_batch!r}.")
+        if not isinstance(users, Mapping):
+            raise TypeError(f"`users` must map user ids to rows of `pairs`, got {type(users).__name__}.")
+        self.args = args
+        self.users_per_batch = users_per_batch
+        self.device = torch.device("cpu") if args.use_cpu else args.device
+        self.table = _pair_table(pairs)
+        num_rows = len(self.table["features"])
+        feature_dim, latent_dim = self.table["features"].shape[1], self.table["chosen_mean"].shape[1]
+        if (feature_dim, latent_dim) != (embedding_config.feature_dim, embedding_config.latent_dim):
+            raise ValueError(
+                f"The pair table has feature_dim={feature_dim}, latent_dim={latent_dim}, but the embeddings "
+                f"expect {embedding_config.feature_dim} and {embedding_config.latent_dim}: the latents come from "
+                "another backbone."
+            )
+        self.embedding_config = dataclasses.replace(embedding_config, rank=args.prior_rank, training={})
+        starts = dict(preference_embeddings or {})
+        unknown = sorted(set(starts) - set(users))
+        if unknown:
+            raise ValueError(
+                f"`preference_embeddings` names {len(unknown)} user(s) without pairs: {unknown[:_LISTED]}. Give each "
+                "continued user its new pairs in `users`."
+            )
+        self.users: list[_User] = []
+        skipped = []
+        for user_id, rows in users.items():
+            validate_preference_id(user_id)
+            rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+            if len(rows) == 0:
+                skipped.append(user_id)
+                continue
+            if int(rows.min()) < 0 or int(rows.max()) >= num_rows:
+                raise ValueError(
+                    f"User {user_id!r} names rows outside the pair table of {num_rows} rows "
+                    f"(found {int(rows.min())} .. {int(rows.max())})."
+                )
+            start = starts.get(user_id)
+            if start is not None:
+                config = self.embedding_config
+                start.check_compatible(config.backbone_fingerprint, config.latent_dim, config.feature_dim, user_id)
+            self.users.append(_User(user_id, rows, start))
+        self.skipped_users = skipped
+        if skipped:
+            logger.warning(
+                f"Skipped {len(skipped)} user(s) with no usable pair: {', '.join(map(repr, skipped[:_LISTED]))}"
+                + (f" and {len(skipped) - _LISTED} more." if len(skipped) > _LISTED else ".")
+            )
+        if not self.users:
+            raise ValueError(f"No user has a usable pair ({len(skipped)} skipped): nothing to align.")
+        # Mean chosen/rejected separation of each row, in posterior standard deviations (see LatentDPOTrainer).
+        gap = self.table["chosen_mean"] - self.table["rejected_mean"]
+        spread = 0.5 * (self.table["chosen_logvar"].exp() + self.table["rejected_logvar"].exp())
+        self._row_separation = (gap.pow(2) / spread.clamp(min=1e-12)).sum(-1).sqrt()  # (N,)
+        self.log_history: list[dict[str, float]] = []
+        self.embeddings: dict[str, PreferenceEmbedding] = {}
+
+    # ------------------------------------------------------------------
+    # Planning
+    # ------------------------------------------------------------------
+    def _groups(self) -> list[tuple[PreferenceEmbeddingConfig, list[_User]]]:
+        """Stacks of at most `users_per_batch` users sharing a config shape, users of similar pair counts together."""
+        by_shape: dict[tuple, list[_User]] = defaultdict(list)
+        for user in self.users:
+            config = user.start.config if user.start is not None else self.embedding_config
+            by_shape[(config.rank, config.logvar_min, config.logvar_max)].append(user)
+        groups = []
+        for (rank, low, high), members in by_shape.items():
+            config = dataclasses.replace(self.embedding_config, rank=rank, logvar_min=low, logvar_max=high)
+            members.sort(key=lambda user: (len(user.rows), user.user_id))
+            for start in range(0, len(members), self.users_per_batch):
+                groups.append((config, members[start : start + self.users_per_batch]))
+        return groups
+
+    def _total_steps(self, num_pairs: int) -> int:
+        per_epoch = math.ceil(num_pairs / self.args.per_device_train_batch_size)
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        return math.ceil(self.args.num_train_epochs * per_epoch)
+
+    def _batches(self, users: list[_User], width: int, steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the pair table for every user and step, `(C, T, width)`, and the mask of real (unpadded) ones."""
+        batch = self.args.per_device_train_batch_size
+        shuffle_seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        rows = torch.zeros(len(users), max(steps, default=0), width, dtype=torch.long)
+        mask = torch.zeros(rows.shape, dtype=torch.bool)
+        for index, (user, total) in enumerate(zip(users, steps, strict=True)):
+            if total == 0:
+                continue
+            count = len(user.rows)
+            per_epoch = math.ceil(count / batch)
+            generator = torch.Generator().manual_seed(user_seed(shuffle_seed, user.user_id, "shuffle"))
+            epochs = []
+            for _ in range(math.ceil(total / per_epoch)):
+                padded = torch.full((per_epoch * batch,), -1, dtype=torch.long)
+                padded[:count] = torch.randperm(count, generator=generator)
+                epochs.append(padded.view(per_epoch, batch)[:, :width])  # (per_epoch, width): one epoch's batches
+            positions = torch.cat(epochs)[:total]  # (T_u, width), -1 where a batch is shorter
+            real = positions >= 0
+            rows[index, :total] = user.rows[positions.clamp(min=0)]
+            mask[index, :total] = real
+        return rows, mask
+
+    def _initial_parameters(self, config: PreferenceEmbeddingConfig, users: list[_User]) -> StackedPreferenceEmbedding:
+        stack = StackedPreferenceEmbedding(config, len(users))
+        generator = torch.Generator().manual_seed(self.args.seed)
+        # What LatentDPOTrainer's `torch.manual_seed(seed); PreferenceEmbedding(...)` draws for `down`.
+        down = torch.randn(config.feature_dim, config.rank, generator=generator) / math.sqrt(config.feature_dim)
+        with torch.no_grad():
+            for index, user in enumerate(users):
+                if user.start is not None:
+                    for name in ("bias", "down", "up"):
+                        getattr(stack, name)[index] = getattr(user.start, name).detach().float()
+                    continue
+                stack.down[index] = down
+                if self.args.prior_init == "pairs":
+                    rows = user.rows
+                    chosen = DiagonalGaussian(self.table["chosen_mean"][rows], self.table["chosen_logvar"][rows])
+                    rejected = DiagonalGaussian(self.table["rejected_mean"][rows], self.table["rejected_logvar"][rows])
+                    stack.bias[index] = constant_prior_bias(*pairs_mean_difference(chosen, rejected), config)
+        return stack
+
+    # ------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------
+    def train(self) -> PreferenceBank:
+        """Train every user; returns a [`PreferenceBank`] holding them (also in `self.embeddings`)."""
+        start = time.perf_counter()
+        groups = self._groups()
+        total_pairs = sum(len(user.rows) for user in self.users)
+        logger.info(
+            f"Latent DPO for {len(self.users)} users ({total_pairs} user pairs over {len(self.table['features'])} "
+            f"distinct pairs) in {len(groups)} stack(s) of up to {self.users_per_batch} users."
+        )
+        config = self.embedding_config
+        bank = PreferenceBank(config.backbone_fingerprint, config.latent_dim, config.feature_dim)
+        no_signal = 0
+        with tqdm(
+            total=len(self.users), desc="Latent DPO (many users)", unit="user", disable=bool(self.args.disable_tqdm)
+        ) as progress:
+            for group_config, users in groups:
+                for user_id, embedding in self._train_group(group_config, users):
+                    no_signal += embedding.config.training["posterior_separation"] < 1e-3
+                    self.embeddings[user_id] = embedding
+                progress.update(len(users))
+                progress.set_postfix(loss=f"{self.log_history[-1].get('loss', float('nan')):.4f}")
+        for user_id in sorted(self.embeddings):
+            bank.add(user_id, self.embeddings[user_id])
+        if no_signal:
+            logger.warning(
+                f"Latent DPO finds no signal for {no_signal} user(s): the chosen and rejected responses of their pairs "
+                "have the same posterior, so their priors will not move. The backbone's encoder looks untrained "
+                "(train it with CLaPTrainer first), or those pairs' responses do not differ."
+            )
+        seconds = time.perf_counter() - start
+        self.train_seconds = seconds
+        logger.info(
+            f"Aligned {len(self.users)} users in {seconds:.1f}s ({len(self.users) / max(seconds, 1e-9):.1f} users/s)."
+        )
+        return bank
+
+    def _train_group(
+        self, config: PreferenceEmbeddingConfig, users: list[_User]
+    ) -> list[tuple[str, PreferenceEmbedding]]:
+        args, device = self.args, self.device
+        start = time.perf_counter()
+        num = len(users)
+        counts = [len(user.rows) for user in users]
+        steps = [self._total_steps(count) for count in counts]
+        width = min(args.per_device_train_batch_size, max(counts))
+        rows, mask = self._batches(users, width, steps)
+        total_steps = max(steps)
+        stack = self._initial_parameters(config, users).to(device)
+        table = {name: tensor.to(device) for name, tensor in self.table.items()}
+        samples, latent_dim = args.num_latent_samples, config.latent_dim
+        noise_generators = [torch.Generator().manual_seed(user_seed(args.seed, u.user_id, "noise")) for u in users]
+
+        # Trainable parameters, each with AdamW's moments; `down` and `up` are fixed without a prompt-dependent part.
+        trainable = ["bias"] + (["down", "up"] if args.prompt_dependent_prior else [])
+        parameters = {name: getattr(stack, name) for name in ("bias", "down", "up")}
+        for name, parameter in parameters.items():
+            parameter.requires_grad_(name in trainable)
+        moments = {
+            name: (torch.zeros_like(parameters[name]), torch.zeros_like(parameters[name])) for name in trainable
+        }
+        # A prior whose `up` is zero and fixed has no prompt-dependent part: its matrix products are skipped.
+        prompt_part = args.prompt_dependent_prior or bool(stack.up.detach().ne(0).any())
+        scheduler = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+        total = torch.tensor(steps, dtype=torch.float64)
+        warmup = torch.tensor([args.get_warmup_steps(s) for s in steps], dtype=torch.float64)
+        updates = torch.zeros(num, dtype=torch.float64)  # AdamW step count of each user
+        history = {
+            key: torch.full((num, total_steps), float("nan"))
+            for key in ("loss", "rewards/accuracy", "rewards/margin", "pairs/kept")
+        }
+        for step in range(total_steps):
+            active = torch.tensor([step < s for s in steps])
+            # Users whose steps are done sit out: the step runs on the A active ones
+            selected = None if bool(active.all()) else active.nonzero().squeeze(1)
+            batch_rows, batch_mask = _pick(rows[:, step], selected), _pick(mask[:, step], selected)  # (A, width)
+            sizes = batch_mask.sum(-1).tolist()
+            # Each user's noise from its own stream, for its real pairs only
+            noise = torch.zeros(len(sizes), width, 3, samples, latent_dim)  # (A, width, 3, M, Z)
+            members = range(num) if selected is None else selected.tolist()
+            for slot, (member, size) in enumerate(zip(members, sizes, strict=True)):
+                own = torch.randn((3, samples, size, latent_dim), generator=noise_generators[member])
+                noise[slot, :size] = own.permute(2, 0, 1, 3)
+            noise = noise.to(device)
+            batch_rows, batch_mask = batch_rows.to(device), batch_mask.to(device)
+            chosen = DiagonalGaussian(table["chosen_mean"][batch_rows], table["chosen_logvar"][batch_rows])
+            rejected = DiagonalGaussian(table["rejected_mean"][batch_rows], table["rejected_logvar"][batch_rows])
+            # The latents as DiagonalGaussian.rsample draws them, laid out pair by pair (A, width, 3, M, Z), which is
+            # the layout the loss works in: handing it the (3M, A, width, Z) view costs no copy.
+            latents = torch.empty_like(noise)
+            latents[:, :, 0] = noise[:, :, 0]
+            latents[:, :, 1] = chosen.mean.unsqueeze(2) + chosen.std.unsqueeze(2) * noise[:, :, 1]
+            latents[:, :, 2] = rejected.mean.unsqueeze(2) + rejected.std.unsqueeze(2) * noise[:, :, 2]
+            latents = latents.flatten(2, 3).movedim(2, 0)  # (3M, A, width, Z)
+            features = table["features"][batch_rows] if prompt_part else None  # (A, width, F)
+            prior = stacked_prior(
+                *(_pick(parameters[name], selected) for name in ("bias", "down", "up")), features, config
+            )
+            loss, metrics = latent_dpo_loss(
+                prior,
+                chosen,
+                rejected,
+                beta=args.beta,
+                gap_quantile=args.gap_quantile,
+                latents=latents,
+                pair_mask=batch_mask,
+            )  # (A,) each
+            loss.sum().backward()  # each user's loss reaches only its own slice
+            self._optimizer_step(parameters, moments, trainable, active.to(device), updates, scheduler, warmup, total)
+            index = torch.arange(num) if selected is None else selected
+            history["loss"][index, step] = loss.detach().float().cpu()
+            for key in ("rewards/accuracy", "rewards/margin", "pairs/kept"):
+                history[key][index, step] = metrics[key].float().cpu()
+
+        seconds = time.perf_counter() - start
+        stack = stack.cpu()
+        finished = []
+        log_every = args.logging_steps
+        for index, user in enumerate(users):
+            total_u = steps[index]
+            window = max(1, math.ceil(total_u * log_every) if log_every < 1 else int(log_every))
+            accuracy = history["rewards/accuracy"][index, :total_u]
+            record: dict[str, Any] = {
+                "method": "latent-dpo",
+                "pairs": counts[index],
+                "steps": total_u,
+                "epochs": args.num_train_epochs,
+                "beta": args.beta,
+                "learning_rate": args.learning_rate,
+                "num_latent_samples": args.num_latent_samples,
+                "gap_quantile": args.gap_quantile,
+                "prior_init": args.prior_init,
+                "prompt_dependent_prior": args.prompt_dependent_prior,
+                "train_seconds": round(seconds / num, 4),
+                "posterior_separation": round(float(self._row_separation[user.rows].mean()), 4),
+                "users_in_run": len(self.users),
+            }
+            if total_u:
+                record["final_loss"] = float(history["loss"][index, :total_u].mean())
+                record["rewards_accuracy_first_log"] = round(float(accuracy[:window].mean()), 4)
+                record["rewards_accuracy_last_log"] = round(float(accuracy[-window:].mean()), 4)
+            if user.start is not None:
+                record["warm_start"] = True
+            finished.append((user.user_id, stack.embedding(index, record)))
+        ran = ~torch.isnan(history["loss"])
+        self.log_history.append(
+            {
+                "users": num,
+                "steps": total_steps,
+                "seconds": round(seconds, 3),
+                **{
+                    key: float(values[ran].mean()) if bool(ran.any()) else float("nan")
+                    for key, values in history.items()
+                },
+            }
+        )
+        logger.info(
+            f"Stack of {num} users ({min(counts)}-{max(counts)} pairs, {total_steps} steps) in {seconds:.2f}s: "
+            + ", ".join(
+                f"{key} {value:.4f}" for key, value in self.log_history[-1].items() if "/" in key or key == "loss"
+            )
+        )
+        return finished
+
+    def _optimizer_step(
+        self,
+        parameters: dict[str, nn.Parameter],
+        moments: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        trainable: list[str],
+        active: torch.Tensor,
+        updates: torch.Tensor,
+        scheduler: str,
+        warmup: torch.Tensor,
+        total: torch.Tensor,
+    ) -> None:
+        """One AdamW step of every active user, with its own clipping, step count and learning rate (as
+        `torch.optim.AdamW`, `clip_grad_norm_` and the `Trainer`'s schedule do it for one user)."""
+        args = self.args
+        with torch.no_grad():
+            grads = {name: parameters[name].grad for name in trainable}
+            if args.max_grad_norm is not None and args.max_grad_norm > 0:
+                # clip_grad_norm_: the norm of the per-parameter norms, then a factor min(1, max / (norm + 1e-6)).
+                norms = torch.stack([grads[name].flatten(1).norm(dim=1) for name in trainable], dim=1).norm(dim=1)
+                factor = (args.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # (C,)
+                for grad in grads.values():
+                    grad.mul_(factor.view(-1, *[1] * (grad.dim() - 1)))
+            active_cpu = active.cpu()
+            lr = args.learning_rate * _lr_factor(scheduler, updates, warmup, total)  # (C,) float64
+            updates += active_cpu.double()
+            correction1 = 1 - args.adam_beta1 ** updates.clamp(min=1)
+            correction2_sqrt = (1 - args.adam_beta2 ** updates.clamp(min=1)).sqrt()
+            step_size = torch.where(active_cpu, lr / correction1, torch.zeros_like(lr))
+            decay = torch.where(active_cpu, 1 - lr * args.weight_decay, torch.ones_like(lr))
+            for name in trainable:
+                parameter, grad = parameters[name], grads[name]
+                exp_avg, exp_avg_sq = moments[name]
+                shape = (-1, *[1] * (parameter.dim() - 1))
+                on = active.view(shape)
+                if args.weight_decay and name != "bias":  # the Trainer exempts parameters named "bias"
+                    parameter.mul_(decay.to(parameter).view(shape))
+                exp_avg.copy_(torch.where(on, exp_avg.lerp(grad, 1 - args.adam_beta1), exp_avg))
+                updated_sq = torch.addcmul(exp_avg_sq * args.adam_beta2, grad, grad, value=1 - args.adam_beta2)
+                exp_avg_sq.copy_(torch.where(on, updated_sq, exp_avg_sq))
+                denom = (exp_avg_sq.sqrt() / correction2_sqrt.to(parameter).view(shape)).add_(args.adam_epsilon)
+                parameter.sub_(step_size.to(parameter).view(shape) * exp_avg / denom)
+                parameter.grad = None
+
+
+# ----------------------------------------------------------------------
+# From text
+# ----------------------------------------------------------------------
+def _read_users(datasets: Mapping[str, Dataset] | Dataset) -> tuple[dict[str, list[tuple[Any, str, str]]], int]:
+    """Each user's usable pairs (identical chosen / rejected rows dropped) and the number of rows dropped."""
+    pairs_by_user: dict[str, list[tuple[Any, str, str]]] = {}
+    identical = 0
+    if isinstance(datasets, Dataset):
+        if USER_ID_COLUMN not in datasets.column_names:
+            raise ValueError(
+                f"A many-user preference dataset needs a `{USER_ID_COLUMN}` column naming each row's user; found "
+                f"{datasets.column_names}. Add one, or pass a mapping {{user_id: dataset}} (one user: LatentDPOTrainer)."
+            )
+        ids = datasets.select_columns([USER_ID_COLUMN]).with_format(None)[:][USER_ID_COLUMN]  # a list, read at once
+        for user_id in dict.fromkeys(ids):
+            try:
+                validate_preference_id(user_id)
+            except ValueError as err:
+                row = ids.index(user_id)
+                raise ValueError(f"Row {row} of the dataset has `{USER_ID_COLUMN}` {user_id!r}: {err}") from None
+            pairs_by_user[user_id] = []
+        for user_id, pair in zip(ids, read_preference_pairs(datasets, "many-user"), strict=True):
+            if pair is None:
+                identical += 1
+            else:
+                pairs_by_user[user_id].append(pair)
+    elif isinstance(datasets, Mapping):
+        if not datasets:
+            raise ValueError("No users given: pass {user_id: preference dataset} with at least one user.")
+        for user_id, dataset in datasets.items():
+            validate_preference_id(user_id)
+            if not isinstance(dataset, Dataset):
+                raise TypeError(
+                    f"The pairs of user {user_id!r} must be a datasets.Dataset, got {type(dataset).__name__}."
+                )
+            pairs = read_preference_pairs(dataset, f"user {user_id!r}") if len(dataset) else []
+            identical += sum(pair is None for pair in pairs)
+            pairs_by_user[user_id] = [pair for pair in pairs if pair is not None]
+    else:
+        raise TypeError(
+            "`datasets` must be a mapping {user_id: preference dataset} or one dataset with a "
+            f"`{USER_ID_COLUMN}` column, got {type(datasets).__name__}."
+        )
+    return pairs_by_user, identical
+
+
+def _encode_users(
+    pairs_by_user: Mapping[str, list[tuple[Any, str, str]]], latent_cache: LatentCache
+) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """The latent table of the distinct pairs (each encoded and stored once) and every user's rows of it."""
+    index: dict[tuple[str, str, str], int] = {}
+    unique: list[tuple[Any, str, str]] = []
+    rows: dict[str, list[int]] = {}
+    for user_id, pairs in pairs_by_user.items():
+        own = []
+        for pair in pairs:
+            prompt, good, bad = pair
+            # Text prompts are keys as they are; chat prompts (lists of messages) through canonical JSON.
+            key = pair if isinstance(prompt, str) else (json.dumps(prompt, sort_keys=True, default=str), good, bad)
+            if key not in index:
+                index[key] = len(unique)
+                unique.append(pair)
+            own.append(index[key])
+        rows[user_id] = own
+    if not unique:
+        return {}, rows
+    prompts, chosen, rejected = (list(column) for column in zip(*unique, strict=True))
+    return latent_cache.pair_latents(prompts, chosen, rejected), rows
+
+
+def _make_cache(model: PrefAlignForCausalLM, tokenizer: Any, args: LatentDPOConfig, cache: LatentCache | None):
+    if cache is None:
+        if tokenizer is None:
+            raise ValueError("Encoding the pairs needs the backbone's tokenizer: pass `processing_class=tokenizer`.")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        directory = args.latent_cache_dir
+        directory = None if directory == "none" else (directory or default_cache_dir() / "latent_cache")
+        return LatentCache(model, tokenizer, directory, batch_size=args.encode_batch_size)
+    fingerprint = model.fingerprint()
+    if cache.fingerprint != fingerprint:
+        raise ValueError(
+            f"The latent cache was built for another backbone (fingerprint {cache.fingerprint[:12]}, this model's "
+            f"is {fingerprint[:12]})."
+        )
+    return cache
+
+
+def _embedding_config(model: PrefAlignForCausalLM, fingerprint: str, rank: int) -> PreferenceEmbeddingConfig:
+    return PreferenceEmbeddingConfig(
+        latent_dim=model.config.latent_dim,
+        feature_dim=model.config.text_config.hidden_size,
+        rank=rank,
+        backbone_fingerprint=fingerprint,
+        base_model=model.config.base_model_name_or_path,
+        backbone=model.name_or_path or None,
+    )
+
+
+def align_users(
+    model: PrefAlignForCausalLM,
+    datasets: Mapping[str, Dataset] | Dataset,
+    args: LatentDPOConfig | None = None,
+    *,
+    processing_class: PreTrainedTokenizerBase | None = None,
+    latent_cache: LatentCache | None = None,
+    preference_embeddings: Mapping[str, PreferenceEmbedding] | None = None,
+    users_per_batch: int = DEFAULT_USERS_PER_BATCH,
+) -> PreferenceBank:
+    r"""
+    Align many users at once with Latent DPO: one [`PreferenceEmbedding`] per user, returned as a [`PreferenceBank`].
+
+    The frozen encoder reads each distinct (prompt, chosen, rejected) once, through a [`LatentCache`] shared by
+    every user; then [`MultiUserLatentDPOTrainer`] trains all users' priors together, each exactly as it would be
+    trained alone (per-user epochs, random streams, optimizer state and clipping). The LM never runs.
+
+    Args:
+        model (`PrefAlignForCausalLM`): the (CLaP-trained) backbone; it is not modified.
+        datasets (`dict[str, datasets.Dataset]` or `datasets.Dataset`): TRL preference pairs (`prompt`, `chosen`,
+            `rejected`; standard or conversational) per user id, or one dataset whose `user_id` column names each
+            row's user. Ids are 1-128 letters, digits, '_', '-' or '.'. Rows whose chosen and rejected are identical
+            are dropped; a user left with no pair is skipped, both with a counted warning.
+        args (`LatentDPOConfig`, *optional*): the settings of every user (see [`MultiUserLatentDPOTrainer`] for
+            those that cannot apply).
+        processing_class (`PreTrainedTokenizerBase`, *optional*): the backbone's tokenizer (needed unless
+            `latent_cache` is given).
+        latent_cache (`LatentCache`, *optional*): a cache of this backbone to read and fill.
+        preference_embeddings (`dict[str, PreferenceEmbedding]`, *optional*): users to continue (warm start).
+        users_per_batch (`int`, *optional*, defaults to 32): users trained together in one stack.
+
+    Returns:
+        `PreferenceBank`: every aligned user; `bank.save(directory)` writes them (one folder per user + `bank.json`).
+
+    Example:
+
+    ```python
+    >>> bank = align_users(model, {"alice": alice_pairs, "bob": bob_pairs}, config, processing_class=tokenizer)
+    >>> bank.save("users")
+    ```
+    """
+    from ..modeling.modeling_prefalign import PrefAlignForCausalLM
+
+    if not isinstance(model, PrefAlignForCausalLM):
+        raise TypeError(f"align_users needs a trained PrefAlignForCausalLM backbone, got {type(model).__name__}.")
+    args = args if args is not None else LatentDPOConfig(output_dir="latent-dpo-users")
+    _check_config(args)
+    pairs_by_user, identical = _read_users(datasets)
+    if identical:
+        logger.warning(f"Skipped {identical} row(s) whose chosen and rejected are identical.")
+    cache = _make_cache(model, processing_class, args, latent_cache)
+    return _align_encoded(model, pairs_by_user, args, cache, preference_embeddings, users_per_batch)
+
+
+def _align_encoded(
+    model: PrefAlignForCausalLM,
+    pairs_by_user: Mapping[str, list[tuple[Any, str, str]]],
+    args: LatentDPOConfig,
+    cache: LatentCache,
+    preference_embeddings: Mapping[str, PreferenceEmbedding] | None,
+    users_per_batch: int,
+) -> PreferenceBank:
+    """Encode the distinct pairs through `cache` (already checked against `model`) and train every user."""
+    was_training = model.training
+    model.eval()
+    try:
+        table, rows = _encode_users(pairs_by_user, cache)
+    finally:
+        model.train(was_training)
+    if not table:
+        raise ValueError(f"No user has a usable pair ({len(rows)} user(s), all rows empty or chosen == rejected).")
+    trainer = MultiUserLatentDPOTrainer(
+        args,
+        table,
+        rows,
+        _embedding_config(model, cache.fingerprint, args.prior_rank),
+        preference_embeddings=preference_embeddings,
+        users_per_batch=users_per_batch,
+    )
+    return trainer.train()
+
+
+# ----------------------------------------------------------------------
+# Online update of one user of a saved bank
+# ----------------------------------------------------------------------
+def update_user(
+    model: PrefAlignForCausalLM,
+    bank_directory: str | Path,
+    preference_id: str,
+    pairs: Dataset,
+    args: LatentDPOConfig | None = None,
+    *,
+    processing_class: PreTrainedTokenizerBase | None = None,
+    latent_cache: LatentCache | None = None,
+) -> PreferenceEmbedding:
+    r"""
+    Continue one user of a saved bank with new preference pairs, and write it back without touching the others.
+
+    The user's embedding is read from `bank_directory/<preference_id>`, trained for `args` (a warm start: its
+    weights, a fresh optimizer state; a few steps, e.g. `max_steps=5`, suit an online update) on `pairs` only, and
+    saved in place with [`PreferenceBank.save_user`]: its folder is replaced atomically under the bank's lock, and
+    no other user's files are read, rewritten or re-linked. Its `config.training` records the new run plus `updates`
+    (how many updates it has had) and `total_pairs` (pairs over its whole history).
+
+    Args:
+        model (`PrefAlignForCausalLM`): the backbone the bank belongs to.
+        bank_directory (`str` or `Path`): a bank saved with [`PreferenceBank.save`].
+        preference_id (`str`): the user to update; it must be in the bank.
+        pairs (`datasets.Dataset`): the new TRL preference pairs.
+        args (`LatentDPOConfig`, *optional*): the settings (`prior_init` does not apply: the user is continued).
+        processing_class, latent_cache: as in [`align_users`].
+
+    Returns:
+        `PreferenceEmbedding`: the updated user, as saved.
+    """
+    validate_preference_id(preference_id)
+    bank_directory = Path(bank_directory)
+    args = args if args is not None else LatentDPOConfig(output_dir="latent-dpo-update")
+    _check_config(args)
+    index = read_bank_index(bank_directory)
+    known = index.get("preference_ids", [])
+    if preference_id not in known:
+        raise KeyError(
+            f"User {preference_id!r} is not in the bank at {bank_directory} ({len(known)} user(s)); align a new "
+            "user with align_users (or add it with PreferenceBank.save_user)."
+        )
+    cache = _make_cache(model, processing_class, args, latent_cache)
+    if index.get("fingerprint") != cache.fingerprint:
+        raise ValueError(
+            f"The bank at {bank_directory} was built for another backbone (fingerprint "
+            f"{str(index.get('fingerprint'))[:12]}, this model's is {cache.fingerprint[:12]})."
+        )
+    previous = PreferenceEmbedding.from_pretrained(bank_directory / preference_id)
+    history = dict(previous.config.training)
+    pairs_by_user, identical = _read_users({preference_id: pairs})
+    if identical:
+        logger.warning(f"Skipped {identical} new row(s) whose chosen and rejected are identical.")
+    bank = _align_encoded(model, pairs_by_user, args, cache, {preference_id: previous}, users_per_batch=1)
+    updated = bank.get(preference_id)
+    record = updated.config.training
+    record["updates"] = int(history.get("updates", 0)) + 1
+    record["total_pairs"] = int(history.get("total_pairs", history.get("pairs", 0))) + record["pairs"]
+    bank.save_user(bank_directory, preference_id)
+    return updated
+
+
+__all__ = [
+    "MultiUserLatentDPOTrainer",
+    "StackedPreferenceEmbedding",
+    "align_users",
+    "update_user",
+    "user_seed",
+]
