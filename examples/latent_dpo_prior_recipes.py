@@ -149,7 +149,11 @@ def main() -> None:
     t = time.perf_counter()
     prompts = list(splits[cli.split]["prompt"])
     seed = 10_000 if cli.split == "val" else 20_000
+    # The samples are kept on disk first, so that scoring can be redone without sampling again.
+    samples_path = work / "prior-recipes" / f"samples_{cli.split}.json"
+    samples_path.parent.mkdir(parents=True, exist_ok=True)
     out = sample_rows(generator.generate, tokenizer, prompts, len(settings), rows, cli.samples, args, seed)
+    samples_path.write_text(json.dumps({"settings": settings, "responses": out}))
     base_ppl = perplexity_under(bf16_base, tokenizer, prompts, out[0], cli.samples)
     base_texts = [tokenizer.decode(r, skip_special_tokens=True) for r in out[0]]
     for (user, recipe, strength), responses in zip(settings[1:], out[1:], strict=True):
@@ -162,7 +166,8 @@ def main() -> None:
         report["users"][user][recipe].setdefault("curve", []).append(
             {
                 "strength": strength,
-                "reward": reward,
+                "reward": reward["mean"],  # what pick_within_budget ranks
+                "reward_stats": reward,
                 "base_reward": reference,
                 "gain_sd": gain / sd,
                 "gain_se_sd": se / sd,

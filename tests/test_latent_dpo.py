@@ -245,7 +245,7 @@ def test_training_changes_only_the_prior_and_never_runs_the_lm(tmp_path):
     )
     encoder_calls, encoder_handles = _count_calls([model.latent_encoder])
 
-    trainer = _trainer(tmp_path, model=model)
+    trainer = _trainer(tmp_path, model=model, prompt_dependent_prior=True)
     assert len(encoder_calls) > 0, "the cache is built at construction"
     # Building the cache is the one-time cost: the hidden-state encoder reads the base's lower layers there.
     lm_calls.clear()
@@ -293,7 +293,7 @@ def test_pairs_init_starts_at_the_examples_mean_difference(tmp_path):
     torch.testing.assert_close(trainer.model.bias, examples.bias)
     assert trainer.model.bias[: model.config.latent_dim].norm() > 0
     assert torch.count_nonzero(trainer.model.up) == 0
-    zeros = _trainer(tmp_path, model=model, dataset=pairs, name="zeros", latent_cache=cache)
+    zeros = _trainer(tmp_path, model=model, dataset=pairs, name="zeros", latent_cache=cache, prior_init="zeros")
     assert torch.count_nonzero(zeros.model.bias) == 0, "prior_init='zeros' starts at N(0, I)"
 
 
