@@ -16,7 +16,7 @@ gain over users, each user at the strength with the highest reward within +15% p
 Settings are chosen on `--split val` only; `--split test` just reports. Writes `<output>.json` and `<output>.md`.
 
     python examples/latent_dpo_prior_recipes.py --split val --strengths 1,2
-    python examples/latent_dpo_prior_recipes.py --split test --recipes pairs_constant --strengths validated
+    python examples/latent_dpo_prior_recipes.py --split test --recipes pairs_constant --strengths chosen
 """
 
 from __future__ import annotations
@@ -59,17 +59,21 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="default: docs/preference_space/prior_recipes_<split>")
     parser.add_argument("--split", choices=["val", "test"], default="val")
     parser.add_argument(
-        "--strengths", default="1,2", help="comma-separated, or 'validated' (test: 1 and each user's validated one)"
+        "--strengths",
+        default="1,2",
+        help="comma-separated; or, with --split test, 'validated' (1 and each user's validated strength) or "
+        "'chosen' (only the validated one)",
     )
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--users", nargs="+", default=USERS)
     parser.add_argument("--max-pairs", type=int, default=256)
     parser.add_argument("--samples", type=int, default=None, help="samples per prompt (default: val 2, test 4)")
     cli = parser.parse_args()
-    if cli.strengths != "validated" and 1.0 not in [float(x) for x in cli.strengths.split(",")]:
+    from_validation = cli.strengths in ("validated", "chosen")
+    if not from_validation and 1.0 not in [float(x) for x in cli.strengths.split(",")]:
         parser.error("--strengths must include 1 (the default strength)")
-    if cli.strengths == "validated" and cli.split != "test":
-        parser.error("--strengths validated reads the validation run: use it with --split test")
+    if from_validation and cli.split != "test":
+        parser.error(f"--strengths {cli.strengths} reads the validation run: use it with --split test")
     cli.samples = cli.samples or (2 if cli.split == "val" else 4)
     cli.output = cli.output or f"docs/preference_space/prior_recipes_{cli.split}"
     # The evidence run's splits and pools (its defaults)
@@ -134,8 +138,9 @@ def main() -> None:
         validated = json.loads(Path(cli.output.replace("_test", "_val")).with_suffix(".json").read_text())
 
     def strengths_of(user: str, recipe: str) -> list[float]:
-        if cli.strengths == "validated":  # strength 1 (the default) and the one validation chose
-            return sorted({1.0, validated["users"][user][recipe]["chosen"]["strength"]})
+        if cli.strengths in ("validated", "chosen"):  # the one validation chose (and strength 1, the default)
+            chosen = validated["users"][user][recipe]["chosen"]["strength"]
+            return sorted({1.0, chosen}) if cli.strengths == "validated" else [chosen]
         return [float(s) for s in cli.strengths.split(",")]
 
     settings = [(None, 0.0)] + [(u, r, s) for u in cli.users for r in cli.recipes for s in strengths_of(u, r)]
@@ -192,12 +197,13 @@ def main() -> None:
             "mean_gain_sd_within_budget": sum(c["gain_sd"] for c in chosen) / len(chosen),
             "se": (sum(c["gain_se_sd"] ** 2 for c in chosen)) ** 0.5 / len(chosen),
             "users_within_budget": sum(c["perplexity"] <= PPL_BUDGET * base_ppl for c in chosen),
-            "mean_gain_sd_at_strength_1": sum(
-                next(p["gain_sd"] for p in report["users"][u][recipe]["curve"] if p["strength"] == 1.0)
-                for u in cli.users
-            )
-            / len(cli.users),
+            "users_at_3_se": sum(c["gain_in_se"] >= 3 for c in chosen),
+            "users_at_half_sd": sum(c["gain_sd"] >= 0.5 for c in chosen),
         }
+        at_1 = [[p["gain_sd"] for p in report["users"][u][recipe]["curve"] if p["strength"] == 1.0] for u in cli.users]
+        scores[recipe]["mean_gain_sd_at_strength_1"] = (
+            sum(g[0] for g in at_1) / len(at_1) if all(at_1) else None  # None: strength 1 not sampled
+        )
     report["scores"] = scores
     if cli.split == "val":
         report["winner"] = max(scores, key=lambda r: scores[r]["mean_gain_sd_within_budget"])
@@ -222,8 +228,8 @@ def render(report: dict) -> str:
         f"base model in base SDs, at the strength with the highest reward within "
         f"+{round((report['budget'] - 1) * 100)}% perplexity on validation (strength, perplexity ratio in brackets).",
         "",
-        "| recipe | " + " | ".join(users) + " | mean +- SE | at strength 1 |",
-        "|---|" + "---|" * (len(users) + 2),
+        "| recipe | " + " | ".join(users) + " | mean +- SE | users >= 3 SE | users >= 0.5 SD | at strength 1 |",
+        "|---|" + "---|" * (len(users) + 4),
     ]
     for recipe in recipes:
         cells = []
@@ -233,10 +239,12 @@ def render(report: dict) -> str:
                 f"{c['gain_sd']:+.2f} (x{c['strength']:g}, {c['perplexity'] / report['base_perplexity']:.2f})"
             )
         s = report["scores"][recipe]
+        at_1 = "-" if s["mean_gain_sd_at_strength_1"] is None else f"{s['mean_gain_sd_at_strength_1']:+.2f}"
         lines.append(
             f"| {recipe} | "
             + " | ".join(cells)
-            + f" | {s['mean_gain_sd_within_budget']:+.2f} +- {s['se']:.2f} | {s['mean_gain_sd_at_strength_1']:+.2f} |"
+            + f" | {s['mean_gain_sd_within_budget']:+.2f} +- {s['se']:.2f} | {s.get('users_at_3_se', '-')} | "
+            f"{s.get('users_at_half_sd', '-')} | {at_1} |"
         )
     lines += ["", "Every point (gain in base SDs / in SEs, perplexity ratio, answers ended naturally):", ""]
     for user in users:
