@@ -565,7 +565,11 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         one = preference_id is None or isinstance(preference_id, (str, Mapping))
         ids = [preference_id] * batch if one else list(preference_id)
         if len(ids) != batch:
-            raise ValueError(f"Got {len(ids)} preference ids for a batch of {batch} prompts.")
+            raise ValueError(
+                f"Got {len(ids)} preference ids for a batch of {batch} prompts. Give one id per prompt (a "
+                "`pipeline` hands the same list to every batch: use `batch_size` = the number of prompts, or one "
+                "call per user)."
+            )
         for pid in ids:
             self.preferences.mixture_weights(pid)  # unknown users, bad weights: fail before the LM runs
         if all(pid is None for pid in ids):
