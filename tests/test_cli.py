@@ -235,7 +235,8 @@ def test_clap_architecture_mistakes_are_usage_errors(tiny_base_dir, tiny_pool_di
     assert not (tmp_path / "c").exists()
 
 
-def test_align_from_a_preference_file(tiny_backbone_dir, tmp_path):
+@pytest.mark.parametrize("flag", ["--dataset", "--dataset_name"])  # ours, and TRL's name
+def test_align_from_a_preference_file(tiny_backbone_dir, tmp_path, flag):
     generator = torch.Generator().manual_seed(1)
     rows = [
         {"prompt": random_words(generator), "chosen": random_words(generator), "rejected": random_words(generator)}
@@ -249,7 +250,7 @@ def test_align_from_a_preference_file(tiny_backbone_dir, tmp_path):
                 "align",
                 "--backbone",
                 str(tiny_backbone_dir),
-                "--dataset",
+                flag,
                 str(data),
                 "--output_dir",
                 str(tmp_path / "bob"),
@@ -424,6 +425,38 @@ def test_unknown_scorer_and_unknown_preference_id(tiny_backbone_dir, tmp_path, c
         == 1
     )
     assert "Unknown preference id 'carol'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["pool", "clap", "align"])
+@pytest.mark.parametrize("spelling", ["flag", "alias", "yaml-key", "yaml-alias"])
+def test_trl_argument_names_are_aliases(tmp_path, command, spelling):
+    from hf_prefalign import CLaPConfig, LatentDPOConfig, ResponsePoolConfig
+    from hf_prefalign.cli.main import AlignArguments, ClapArguments, PoolArguments, _parse
+
+    ours, trl = ("dataset", "dataset_name") if command == "align" else ("model", "model_name_or_path")
+    key = trl if "alias" in spelling else ours
+    argv = {"pool": [], "clap": ["--pool", "p"], "align": ["--backbone", "b"]}[command] + ["--output_dir", "o"]
+    if spelling.startswith("yaml"):
+        (tmp_path / "settings.yaml").write_text(f"{key}: the/source\n")
+        argv += ["--config", str(tmp_path / "settings.yaml")]
+    else:
+        argv += [f"--{key}", "the/source"]
+    dataclasses = {
+        "pool": (PoolArguments, ResponsePoolConfig),
+        "clap": (ClapArguments, CLaPConfig),
+        "align": (AlignArguments, LatentDPOConfig),
+    }[command]
+    args, _ = _parse(command, dataclasses, argv)
+    assert getattr(args, ours) == "the/source"
+
+
+def test_a_yaml_file_that_sets_a_flag_and_its_alias_is_refused(tmp_path, capsys):
+    config = tmp_path / "both.yaml"
+    config.write_text("output_dir: x\nmodel: a/b\nmodel_name_or_path: c/d\n")
+    with pytest.raises(SystemExit) as excinfo:
+        main(["clap", "--config", str(config), "--pool", "p"])
+    assert excinfo.value.code == 2
+    assert "sets one setting twice: model and model_name_or_path" in capsys.readouterr().err
 
 
 def test_unknown_yaml_key_is_a_usage_error(tmp_path, capsys):

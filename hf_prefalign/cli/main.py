@@ -48,14 +48,23 @@ class PoolArguments:
         default="bundled",
         metadata={"help": "'bundled', a .jsonl/.json file with a 'prompt' column, or a saved dataset folder."},
     )
-    model: str = field(default="embedded", metadata={"help": "'embedded' (SmolLM2-135M-Instruct) or a model path/id."})
+    model: str = field(
+        default="embedded",
+        metadata={
+            "help": "'embedded' (SmolLM2-135M-Instruct) or a model path/id.",
+            "aliases": ["--model_name_or_path"],
+        },
+    )
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
 
 
 @dataclass
 class ClapArguments:
     pool: str = field(metadata={"help": "A response pool folder (from `hf-prefalign pool`)."})
-    model: str = field(default="embedded", metadata={"help": "'embedded' or a base causal LM path/id."})
+    model: str = field(
+        default="embedded",
+        metadata={"help": "'embedded' or a base causal LM path/id.", "aliases": ["--model_name_or_path"]},
+    )
     backbone_dir: str | None = field(
         default=None,
         metadata={
@@ -132,7 +141,10 @@ class AlignArguments:
     backbone: str = field(metadata={"help": "A CLaP backbone folder or Hub repo."})
     dataset: str | None = field(
         default=None,
-        metadata={"help": "A TRL preference dataset: .jsonl/.json file, saved dataset folder, or Hub id."},
+        metadata={
+            "help": "A TRL preference dataset: .jsonl/.json file, saved dataset folder, or Hub id.",
+            "aliases": ["--dataset_name"],
+        },
     )
     scorer: str | None = field(default=None, metadata={"help": "Instead of --dataset: a named scorer ranking --pool."})
     pool: str | None = field(default=None, metadata={"help": "The response pool that --scorer ranks."})
@@ -218,10 +230,24 @@ def _parse(command: str, dataclass_types: tuple, argv: list[str]) -> tuple:
             parser.error(f"{config_path} is not valid YAML: {' '.join(str(err).split())}")
         if not isinstance(values, dict):
             parser.error(f"{config_path} must hold a mapping of settings (key: value), not {type(values).__name__}")
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(map(str, set(values) - known))
+        # A key is any long flag of the command without its dashes, aliases included (`model_name_or_path`, as in
+        # TRL's YAML files): map each to the field it sets.
+        dests = {
+            option[2:]: action.dest
+            for action in parser._actions
+            for option in action.option_strings
+            if option.startswith("--")
+        }
+        unknown = sorted(str(key) for key in values if key not in dests)
         if unknown:
             parser.error(f"unknown keys in {config_path}: {', '.join(unknown)}")
+        by_dest = {}
+        for key in values:
+            by_dest.setdefault(dests[key], []).append(key)
+        twice = [" and ".join(keys) for keys in by_dest.values() if len(keys) > 1]
+        if twice:
+            parser.error(f"{config_path} sets one setting twice: {'; '.join(twice)} (keep one)")
+        values = {dests[key]: value for key, value in values.items()}
         parser.set_defaults(**values)
         for action in parser._actions:  # a value from the file satisfies a required flag
             if action.dest in values:
