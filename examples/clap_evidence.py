@@ -161,7 +161,7 @@ def main() -> None:
             base, tokenizer=tokenizer, posterior_init_logvar=args.posterior_init_logvar
         )
     else:
-        model = PrefAlignForCausalLM.from_pretrained(args.backbone, base_model=base)
+        model = PrefAlignForCausalLM.from_pretrained(args.backbone, base_model=base, is_trainable=True)
     config = CLaPConfig(
         output_dir=str(output_dir / "trainer"),
         learning_rate=args.learning_rate,

@@ -22,6 +22,7 @@ from .data import (  # noqa: E402
 from .data.latent_cache import LatentCache  # noqa: E402
 from .loading import default_cache_dir, load_base_model, load_default_base  # noqa: E402
 from .modeling import (  # noqa: E402
+    LATENT_MODULES_PATTERN,
     DiagonalGaussian,
     LatentAdapter,
     LatentEncoder,
@@ -50,6 +51,7 @@ __all__ = [
     "CLaPTrainer",
     "DataCollatorForResponseGroups",
     "DiagonalGaussian",
+    "LATENT_MODULES_PATTERN",
     "LatentCache",
     "LatentDPOConfig",
     "LatentDPOTrainer",

@@ -121,6 +121,8 @@ def test_pool_clap_align_generate_on_a_tiny_model(tiny_base_dir, tmp_path, capsy
     assert not [name for name in backbone_files if name.startswith("checkpoint-")]
     saved = json.loads((tmp_path / "clap" / "backbone" / "config.json").read_text())
     assert saved["posterior_refinement_steps"] == 1  # `align` below encodes with the refined posterior
+    # No architecture flag: the config's defaults, the documented recipe.
+    assert (saved["latent_dim"], saved["encoder_type"], saved["adapter_type"]) == (32, "hidden_states", "residual")
 
     assert (
         main(
@@ -163,7 +165,78 @@ def test_pool_clap_align_generate_on_a_tiny_model(tiny_base_dir, tmp_path, capsy
     assert "### w5 w6" in capsys.readouterr().out
 
 
-def test_align_from_a_preference_file(tiny_backbone_dir, tmp_path):
+# CLaP flags that keep a CLI training run to one quiet CPU step.
+QUICK_CLAP = ["--max_steps", "1", "--disable_tqdm", "true", "--use_cpu", "true", "--save_strategy", "no"]
+
+
+@pytest.fixture
+def tiny_pool_dir(tmp_path):
+    save_response_pool(make_tiny_pool(4, 4), tmp_path / "pool")
+    return tmp_path / "pool"
+
+
+def test_clap_sets_the_backbone_architecture(tiny_base_dir, tiny_pool_dir, tmp_path):
+    architecture = {
+        "latent_dim": 8,
+        "encoder_type": "blocks",
+        "num_encoder_layers": 1,
+        "num_encoder_queries": 2,
+        "adapter_type": "prefix",
+        "num_prefix_slots": 2,
+    }
+    flags = [item for name, value in architecture.items() for item in (f"--{name}", str(value))]
+    argv = ["clap", "--pool", str(tiny_pool_dir), "--model", str(tiny_base_dir), "--output_dir", str(tmp_path / "c")]
+    assert main([*argv, *flags, "--contrastive_num_negatives", "1", *QUICK_CLAP]) == 0
+    saved = json.loads((tmp_path / "c" / "backbone" / "config.json").read_text())
+    assert {name: saved[name] for name in architecture} == architecture
+    model = PrefAlignForCausalLM.from_pretrained(tmp_path / "c" / "backbone")
+    assert model.latent_encoder.num_queries == 2 and model.config.adapter_type == "prefix"
+
+
+def test_clap_architecture_flags_default_to_the_config():
+    from dataclasses import fields
+
+    from hf_prefalign import PrefAlignConfig
+    from hf_prefalign.cli.main import _ARCHITECTURE_FIELDS, ClapArguments
+
+    flags = {f.name: f for f in fields(ClapArguments) if f.name in _ARCHITECTURE_FIELDS}
+    assert set(flags) == set(_ARCHITECTURE_FIELDS)
+    for name, flag in flags.items():
+        assert flag.default is None  # unset: the config decides
+        default = getattr(PrefAlignConfig, name)
+        if default is not None:  # the help quotes it
+            assert f"PrefAlignConfig's {default!r}" in flag.metadata["help"], name
+
+
+def test_clap_steering_layers_take_several_values(tiny_base_dir, tiny_pool_dir, tmp_path):
+    argv = ["clap", "--pool", str(tiny_pool_dir), "--model", str(tiny_base_dir), "--output_dir", str(tmp_path / "c")]
+    assert main([*argv, "--encoder_layer", "2", "--steering_layers", "1", "2", *QUICK_CLAP]) == 0
+    saved = json.loads((tmp_path / "c" / "backbone" / "config.json").read_text())
+    assert (saved["encoder_layer"], saved["steering_layers"]) == (2, [1, 2])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--latent_dim", "0"], "--latent_dim must be a positive integer, got 0."),
+        (["--adapter_type", "lora"], "--adapter_type must be one of ('residual', 'prefix'), got 'lora'."),
+        (["--encoder_type", "blocks", "--num_encoder_layers", "5"], "--num_encoder_layers=5 exceeds"),
+        (["--steering_layers", "1", "3"], "--steering_layers must name decoder layers between 1 and 2"),
+    ],
+    ids=["not-positive", "unknown-choice", "deeper-than-the-base", "layer-out-of-range"],
+)
+def test_clap_architecture_mistakes_are_usage_errors(tiny_base_dir, tiny_pool_dir, tmp_path, capsys, flags, message):
+    argv = ["clap", "--pool", str(tiny_pool_dir), "--model", str(tiny_base_dir), "--output_dir", str(tmp_path / "c")]
+    assert main([*argv, *flags, *QUICK_CLAP]) == 2
+    captured = capsys.readouterr().err
+    err = captured.strip().splitlines()[-2:]  # after datasets' "Checking responses" bar, where the pool loaded
+    assert err[0].startswith("hf-prefalign clap: error: ") and message in err[0], err
+    assert err[1] == "hint: see `hf-prefalign clap --help`" and "Traceback" not in captured
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("flag", ["--dataset", "--dataset_name"])  # ours, and TRL's name
+def test_align_from_a_preference_file(tiny_backbone_dir, tmp_path, flag):
     generator = torch.Generator().manual_seed(1)
     rows = [
         {"prompt": random_words(generator), "chosen": random_words(generator), "rejected": random_words(generator)}
@@ -177,7 +250,7 @@ def test_align_from_a_preference_file(tiny_backbone_dir, tmp_path):
                 "align",
                 "--backbone",
                 str(tiny_backbone_dir),
-                "--dataset",
+                flag,
                 str(data),
                 "--output_dir",
                 str(tmp_path / "bob"),
@@ -352,6 +425,38 @@ def test_unknown_scorer_and_unknown_preference_id(tiny_backbone_dir, tmp_path, c
         == 1
     )
     assert "Unknown preference id 'carol'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["pool", "clap", "align"])
+@pytest.mark.parametrize("spelling", ["flag", "alias", "yaml-key", "yaml-alias"])
+def test_trl_argument_names_are_aliases(tmp_path, command, spelling):
+    from hf_prefalign import CLaPConfig, LatentDPOConfig, ResponsePoolConfig
+    from hf_prefalign.cli.main import AlignArguments, ClapArguments, PoolArguments, _parse
+
+    ours, trl = ("dataset", "dataset_name") if command == "align" else ("model", "model_name_or_path")
+    key = trl if "alias" in spelling else ours
+    argv = {"pool": [], "clap": ["--pool", "p"], "align": ["--backbone", "b"]}[command] + ["--output_dir", "o"]
+    if spelling.startswith("yaml"):
+        (tmp_path / "settings.yaml").write_text(f"{key}: the/source\n")
+        argv += ["--config", str(tmp_path / "settings.yaml")]
+    else:
+        argv += [f"--{key}", "the/source"]
+    dataclasses = {
+        "pool": (PoolArguments, ResponsePoolConfig),
+        "clap": (ClapArguments, CLaPConfig),
+        "align": (AlignArguments, LatentDPOConfig),
+    }[command]
+    args, _ = _parse(command, dataclasses, argv)
+    assert getattr(args, ours) == "the/source"
+
+
+def test_a_yaml_file_that_sets_a_flag_and_its_alias_is_refused(tmp_path, capsys):
+    config = tmp_path / "both.yaml"
+    config.write_text("output_dir: x\nmodel: a/b\nmodel_name_or_path: c/d\n")
+    with pytest.raises(SystemExit) as excinfo:
+        main(["clap", "--config", str(config), "--pool", "p"])
+    assert excinfo.value.code == 2
+    assert "sets one setting twice: model and model_name_or_path" in capsys.readouterr().err
 
 
 def test_unknown_yaml_key_is_a_usage_error(tmp_path, capsys):

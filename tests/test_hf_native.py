@@ -172,3 +172,133 @@ def test_sampled_preference_gives_each_returned_sequence_its_own_z(monkeypatch: 
 
     model.generate(input_ids=ids, preference_id="alice", num_return_sequences=3, max_new_tokens=2, do_sample=True)
     assert drawn[-1].shape == (2, LATENT_DIM)  # the prior's mean: one z per prompt, shared by its sequences
+
+
+# ----------------------------------------------------------------------
+# PEFT: LoRA on a backbone's base, bases with adapters, trainability, parameter counts
+# ----------------------------------------------------------------------
+def _saved_base(tmp_path: Path, family: str = "llama") -> Path:
+    path = tmp_path / "base"
+    make_tiny_base(family).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("adapter_type", ["prefix", "residual"])
+def test_lora_on_a_backbone_leaves_the_latent_modules_alone(tmp_path: Path, adapter_type: str):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from hf_prefalign import LATENT_MODULES_PATTERN
+
+    backbone = PrefAlignForCausalLM.from_base(
+        str(_saved_base(tmp_path)), latent_dim=LATENT_DIM, encoder_type="blocks", adapter_type=adapter_type
+    ).eval()
+    # The encoder's blocks are copies of the base's: `target_modules` alone would match their q_proj / v_proj too.
+    assert any(name.startswith("latent_encoder.") and name.endswith("q_proj") for name, _ in backbone.named_modules())
+    latent_before = {name: tensor.clone() for name, tensor in backbone.latent_state_dict().items()}
+    config = LoraConfig(
+        target_modules=["q_proj", "v_proj"], exclude_modules=LATENT_MODULES_PATTERN, init_lora_weights=False
+    )
+    peft_model = get_peft_model(backbone, config)
+
+    wrapped = [name for name, module in backbone.named_modules() if hasattr(module, "lora_A")]
+    assert len(wrapped) == 2 * 3 and all(name.startswith("language_model.") for name in wrapped), wrapped
+    latent_after = backbone.latent_state_dict()
+    assert latent_after.keys() == latent_before.keys()
+    for name, tensor in latent_before.items():
+        assert torch.equal(latent_after[name], tensor), name
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    z = torch.randn(1, LATENT_DIM, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids, latents=z).logits
+        with peft_model.disable_adapter():
+            assert not torch.allclose(peft_model(input_ids=ids, latents=z).logits, logits)  # LoRA acts on the base
+        assert not torch.allclose(peft_model(input_ids=ids).logits, logits)  # and z still steers it
+
+    with pytest.raises(TypeError, match="backbone already"):  # e.g. `CLaPTrainer(peft_model)`, which calls from_base
+        PrefAlignForCausalLM.from_base(peft_model)
+
+    # The adapters are the PeftModel's to save; the backbone saves its latent modules and the base reference only.
+    with pytest.raises(ValueError, match="carries PEFT adapters"):
+        backbone.save_pretrained(tmp_path / "whole", save_base=True)
+    peft_model.save_pretrained(tmp_path / "lora")
+    backbone.save_pretrained(tmp_path / "backbone")
+    assert not (tmp_path / "backbone" / "base_model").exists()
+    reloaded = PeftModel.from_pretrained(
+        PrefAlignForCausalLM.from_pretrained(tmp_path / "backbone"), tmp_path / "lora"
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, latents=z).logits, logits, rtol=0, atol=0)
+
+
+def test_from_base_refuses_a_base_with_peft_adapters_and_the_advice_works(tmp_path: Path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(
+        make_tiny_base("llama"), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    with pytest.raises(TypeError, match=r"got a PeftModel.*merge_and_unload\(\).*from_base\(path\)"):
+        PrefAlignForCausalLM.from_base(peft_model)
+    with pytest.raises(ValueError, match="The base model .LlamaForCausalLM. carries PEFT adapters"):
+        PrefAlignForCausalLM.from_base(peft_model.get_base_model())  # adapters injected in place
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    backbone = PrefAlignForCausalLM.from_base(str(tmp_path / "merged"), latent_dim=LATENT_DIM)
+    backbone.save_pretrained(tmp_path / "backbone")
+    for model in (backbone, PrefAlignForCausalLM.from_pretrained(tmp_path / "backbone")):
+        with torch.no_grad():  # z = 0 is the base (the residual adapter adds nothing): the LoRA-tuned model
+            torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("save_base", [False, True], ids=["frozen-base", "base-included"])
+def test_from_pretrained_is_trainable(tmp_path: Path, save_base: bool):
+    folder = _saved_backbone(tmp_path, save_base=save_base)
+    for loader in (PrefAlignForCausalLM, AutoModelForCausalLM):
+        frozen = loader.from_pretrained(folder)
+        assert not frozen.training and frozen.get_nb_trainable_parameters()[0] == 0
+        assert not any(p.requires_grad for p in frozen.parameters())
+
+    trainable = PrefAlignForCausalLM.from_pretrained(folder, is_trainable=True)
+    assert trainable.training
+    assert all(p.requires_grad for p in trainable.latent_parameters())
+    assert trainable.is_base_frozen is not save_base  # a base saved inside the backbone was trained: it trains on
+    latent_ids = {id(p) for p in trainable.latent_parameters()}
+    others = [p.requires_grad for p in trainable.parameters() if id(p) not in latent_ids]
+    assert others and all(flag is save_base for flag in others)
+
+
+def test_clap_trainer_refuses_a_backbone_with_frozen_latent_modules(tmp_path: Path):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_prefalign import LATENT_MODULES_PATTERN, CLaPConfig, CLaPTrainer
+
+    args = CLaPConfig(output_dir=str(tmp_path / "clap"), use_cpu=True, report_to="none")
+    frozen = PrefAlignForCausalLM.from_pretrained(_saved_backbone(tmp_path))
+    with pytest.raises(ValueError, match=r"from_pretrained\(path, is_trainable=True\)"):
+        CLaPTrainer(frozen, args=args, processing_class=make_tiny_tokenizer())
+    backbone = PrefAlignForCausalLM.from_base(make_tiny_base("llama"), latent_dim=LATENT_DIM)
+    peft_model = get_peft_model(
+        backbone, LoraConfig(target_modules=["q_proj"], exclude_modules=LATENT_MODULES_PATTERN)
+    )
+    with pytest.raises(TypeError, match="backbone already"):
+        CLaPTrainer(peft_model, args=args, processing_class=make_tiny_tokenizer())
+    with pytest.raises(ValueError, match="`get_peft_model` also freezes everything but its adapters"):
+        CLaPTrainer(backbone, args=args, processing_class=make_tiny_tokenizer())
+
+
+def test_trainable_parameter_counts_match_peft(capsys: pytest.CaptureFixture):
+    model = PrefAlignForCausalLM.from_base(make_tiny_base("llama"), latent_dim=LATENT_DIM)  # tied embeddings
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert model.get_nb_trainable_parameters() == (model.num_latent_parameters(), total)
+    model.print_trainable_parameters()
+    trainable = model.num_latent_parameters()
+    expected = (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    )
+    assert capsys.readouterr().out == expected + "\n"  # PEFT's line, so logs that parse it keep working
+    model.unfreeze_base()
+    assert model.get_nb_trainable_parameters() == (total, total)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -47,14 +48,23 @@ class PoolArguments:
         default="bundled",
         metadata={"help": "'bundled', a .jsonl/.json file with a 'prompt' column, or a saved dataset folder."},
     )
-    model: str = field(default="embedded", metadata={"help": "'embedded' (SmolLM2-135M-Instruct) or a model path/id."})
+    model: str = field(
+        default="embedded",
+        metadata={
+            "help": "'embedded' (SmolLM2-135M-Instruct) or a model path/id.",
+            "aliases": ["--model_name_or_path"],
+        },
+    )
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
 
 
 @dataclass
 class ClapArguments:
     pool: str = field(metadata={"help": "A response pool folder (from `hf-prefalign pool`)."})
-    model: str = field(default="embedded", metadata={"help": "'embedded' or a base causal LM path/id."})
+    model: str = field(
+        default="embedded",
+        metadata={"help": "'embedded' or a base causal LM path/id.", "aliases": ["--model_name_or_path"]},
+    )
     backbone_dir: str | None = field(
         default=None,
         metadata={
@@ -68,6 +78,62 @@ class ClapArguments:
         metadata={"help": "Gradient steps on the posterior mean when the trained backbone encodes (PrefAlignConfig)."},
     )
     posterior_refinement_step_size: float = field(default=3.0, metadata={"help": "Length of each refinement step."})
+    # The backbone's architecture (PrefAlignConfig's fields); unset keeps the config's default, the default recipe.
+    latent_dim: int | None = field(
+        default=None, metadata={"help": "Size of the latent z; unset: PrefAlignConfig's 32."}
+    )
+    encoder_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "'hidden_states' (a head over the base's mid-layer residual stream) or 'blocks' (the paper's "
+            "encoder blocks); unset: PrefAlignConfig's 'hidden_states'."
+        },
+    )
+    encoder_layer: int | None = field(
+        default=None, metadata={"help": "Decoder layer the hidden-state encoder reads; unset: the base's middle one."}
+    )
+    adapter_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "'residual' (W z added to the residual stream) or 'prefix' (the paper's key/value prefix); "
+            "unset: PrefAlignConfig's 'residual'."
+        },
+    )
+    steering_layers: list[int] | None = field(
+        default=None, metadata={"help": "Decoder layers the residual adapter acts on; unset: the encoder layer."}
+    )
+    num_prefix_slots: int | None = field(
+        default=None,
+        metadata={"help": "Key/value slots per layer of the 'prefix' adapter; unset: PrefAlignConfig's 4."},
+    )
+    num_encoder_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Blocks of the 'blocks' encoder, copied from the base's first ones; unset: PrefAlignConfig's 2."
+        },
+    )
+    num_encoder_queries: int | None = field(
+        default=None, metadata={"help": "Learned queries of the 'blocks' encoder; unset: PrefAlignConfig's 4."}
+    )
+
+    def __post_init__(self):
+        _check_architecture(self.architecture())  # what needs no base model, before anything loads
+
+    def architecture(self) -> dict:
+        """The architecture flags that were given, as `PrefAlignForCausalLM.from_base` latent options."""
+        return {name: getattr(self, name) for name in _ARCHITECTURE_FIELDS if getattr(self, name) is not None}
+
+
+_ARCHITECTURE_FIELDS = (
+    "latent_dim",
+    "encoder_type",
+    "encoder_layer",
+    "adapter_type",
+    "steering_layers",
+    "num_prefix_slots",
+    "num_encoder_layers",
+    "num_encoder_queries",
+)
 
 
 @dataclass
@@ -75,7 +141,10 @@ class AlignArguments:
     backbone: str = field(metadata={"help": "A CLaP backbone folder or Hub repo."})
     dataset: str | None = field(
         default=None,
-        metadata={"help": "A TRL preference dataset: .jsonl/.json file, saved dataset folder, or Hub id."},
+        metadata={
+            "help": "A TRL preference dataset: .jsonl/.json file, saved dataset folder, or Hub id.",
+            "aliases": ["--dataset_name"],
+        },
     )
     scorer: str | None = field(default=None, metadata={"help": "Instead of --dataset: a named scorer ranking --pool."})
     pool: str | None = field(default=None, metadata={"help": "The response pool that --scorer ranks."})
@@ -161,10 +230,24 @@ def _parse(command: str, dataclass_types: tuple, argv: list[str]) -> tuple:
             parser.error(f"{config_path} is not valid YAML: {' '.join(str(err).split())}")
         if not isinstance(values, dict):
             parser.error(f"{config_path} must hold a mapping of settings (key: value), not {type(values).__name__}")
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(map(str, set(values) - known))
+        # A key is any long flag of the command without its dashes, aliases included (`model_name_or_path`, as in
+        # TRL's YAML files): map each to the field it sets.
+        dests = {
+            option[2:]: action.dest
+            for action in parser._actions
+            for option in action.option_strings
+            if option.startswith("--")
+        }
+        unknown = sorted(str(key) for key in values if key not in dests)
         if unknown:
             parser.error(f"unknown keys in {config_path}: {', '.join(unknown)}")
+        by_dest = {}
+        for key in values:
+            by_dest.setdefault(dests[key], []).append(key)
+        twice = [" and ".join(keys) for keys in by_dest.values() if len(keys) > 1]
+        if twice:
+            parser.error(f"{config_path} sets one setting twice: {'; '.join(twice)} (keep one)")
+        values = {dests[key]: value for key, value in values.items()}
         parser.set_defaults(**values)
         for action in parser._actions:  # a value from the file satisfies a required flag
             if action.dest in values:
@@ -179,6 +262,19 @@ def _parse(command: str, dataclass_types: tuple, argv: list[str]) -> tuple:
         raise UsageError(f"invalid setting: {err}") from err
     # The `--config` flag itself comes back as an extra namespace after the dataclasses: drop it.
     return tuple(parsed[: len(dataclass_types)])
+
+
+def _check_architecture(options: dict, text_config=None) -> None:
+    """Build the `PrefAlignConfig` the architecture flags describe; its `ValueError` is a usage error (exit 2)."""
+    from hf_prefalign import PrefAlignConfig
+
+    try:
+        PrefAlignConfig(text_config=text_config, **options)
+    except ValueError as err:
+        message = str(err)
+        for name in options:  # the config names its fields (`latent_dim`, `num_encoder_layers=3`): name the flags
+            message = re.sub(rf"`{name}(=[^`]*)?`", lambda match, name=name: f"--{name}{match[1] or ''}", message)
+        raise UsageError(message) from None
 
 
 def _check_reference(path: str, what: str) -> None:
@@ -311,6 +407,8 @@ def _pool(argv: list[str]) -> int:
 
 
 def _clap(argv: list[str]) -> int:
+    import copy
+
     from hf_prefalign import CLaPConfig, CLaPTrainer, PrefAlignForCausalLM, load_response_pool
 
     args, config = _parse("clap", (ClapArguments, CLaPConfig), argv)
@@ -321,7 +419,9 @@ def _clap(argv: list[str]) -> int:
         split = pool.train_test_split(test_size=args.eval_fraction, seed=config.seed)
         pool, eval_pool = split["train"], split["test"]
     base, tokenizer = _load_base(args.model)
-    model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer)
+    architecture = args.architecture()
+    _check_architecture(architecture, text_config=copy.deepcopy(base.config))  # layer indices vs the base's depth
+    model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer, **architecture)
     trainer = CLaPTrainer(
         model=model, args=config, train_dataset=pool, eval_dataset=eval_pool, processing_class=tokenizer
     )

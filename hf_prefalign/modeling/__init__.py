@@ -4,11 +4,17 @@ from .adapter import LatentAdapter
 from .architectures import DECODER_LAYOUTS, DecoderLayout, get_decoder_layout
 from .distributions import DiagonalGaussian
 from .encoder import LatentEncoder
-from .modeling_prefalign import PrefAlignForCausalLM, PrefAlignPreTrainedModel, load_default_backbone
+from .modeling_prefalign import (
+    LATENT_MODULES_PATTERN,
+    PrefAlignForCausalLM,
+    PrefAlignPreTrainedModel,
+    load_default_backbone,
+)
 
 
 __all__ = [
     "DECODER_LAYOUTS",
+    "LATENT_MODULES_PATTERN",
     "DecoderLayout",
     "DiagonalGaussian",
     "LatentAdapter",

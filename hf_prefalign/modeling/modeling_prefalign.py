@@ -8,6 +8,7 @@ import copy
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,30 @@ def _check_base_matches(expected: Any, found: Any, where: str) -> None:
             differences.append(f"{field}: expected {a!r}, found {b!r}")
     if differences:
         raise ValueError(f"The base model {where} does not match the backbone's base: " + "; ".join(differences))
+
+
+def _peft_adapter_layers(module: nn.Module) -> list[nn.Module]:
+    """PEFT's adapter layers (LoRA, ...) injected into `module`.
+
+    Read from `sys.modules`: without `peft` imported no adapter can exist, and importing it here would cost every
+    `from_base` and `save_pretrained` a second.
+    """
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None:
+        return []
+    return [layer for layer in module.modules() if isinstance(layer, tuners.BaseTunerLayer)]
+
+
+# The modules a backbone adds to its base, as a PEFT `exclude_modules` regex: LoRA on the base, never on them.
+LATENT_MODULES_PATTERN = r"latent_(encoder|adapter)(\..*)?"
+# Why a base carrying PEFT adapters cannot become a backbone's base, and the two ways that work.
+_PEFT_BASE_MESSAGE = (
+    "{found} carries PEFT adapters. A backbone records its base by name (or saves it whole, in transformers' format), "
+    "so unmerged adapters would be lost or unloadable: merge them into the base and save that "
+    "(`merged = peft_model.merge_and_unload(); merged.save_pretrained(path)`), then call `from_base(path)`. To put "
+    "LoRA on a backbone's base instead, wrap the backbone: "
+    "`get_peft_model(backbone, LoraConfig(..., exclude_modules=hf_prefalign.LATENT_MODULES_PATTERN))`."
+)
 
 
 class PrefAlignPreTrainedModel(PreTrainedModel):
@@ -236,7 +261,9 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
 
         Args:
             base_model_or_path (`PreTrainedModel` or `str`):
-                A loaded `*ForCausalLM`, a Hub id, a local path, or `"embedded:SmolLM2-135M-Instruct-Q4_1"`.
+                A loaded `*ForCausalLM`, a Hub id, a local path, or `"embedded:SmolLM2-135M-Instruct-Q4_1"`. A base
+                carrying PEFT adapters (a `PeftModel`, or its `get_base_model()`) is refused: the backbone records its
+                base by name, so merge the adapters (`merge_and_unload()`), save the result and pass its path.
             tokenizer (`PreTrainedTokenizerBase`, *optional*):
                 If given, checked against the base's vocabulary (see [`~PrefAlignForCausalLM.check_tokenizer`]).
             freeze_base (`bool`, *optional*, defaults to `True`):
@@ -267,6 +294,17 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             raise TypeError("The base model is already a PrefAlignForCausalLM; pass its `get_base_model()` instead.")
         elif isinstance(base_model_or_path, PreTrainedModel):
             base = base_model_or_path
+            if _peft_adapter_layers(base):  # e.g. the `get_base_model()` of a PeftModel
+                raise ValueError(_PEFT_BASE_MESSAGE.format(found=f"The base model ({type(base).__name__})"))
+        elif isinstance(getattr(base_model_or_path, "get_base_model", lambda: None)(), PrefAlignForCausalLM):
+            raise TypeError(
+                f"`from_base` got a {type(base_model_or_path).__name__} around a PrefAlignForCausalLM, which is a "
+                "backbone already (with PEFT adapters on its base) and cannot be the base of another."
+            )
+        elif isinstance(base_model_or_path, nn.Module) and _peft_adapter_layers(base_model_or_path):
+            raise TypeError(
+                _PEFT_BASE_MESSAGE.format(found=f"`from_base` got a {type(base_model_or_path).__name__}, which")
+            )
         else:
             raise TypeError(
                 f"`base_model_or_path` must be a PreTrainedModel or a name/path, got {type(base_model_or_path).__name__}."
@@ -333,10 +371,30 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
     def num_latent_parameters(self) -> int:
         return sum(p.numel() for p in self.latent_parameters())
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """`(trainable, all)` parameter counts, like PEFT's method of the same name (shared tensors count once).
+
+        Example:
+
+        ```python
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from hf_prefalign import PrefAlignForCausalLM
+        >>> base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64))
+        >>> model = PrefAlignForCausalLM.from_base(base, latent_dim=8)  # frozen base
+        >>> model.get_nb_trainable_parameters()[0] == model.num_latent_parameters()
+        True
+        ```
+        """
+        trainable = total = 0
+        for parameter in self.parameters():
+            total += parameter.numel()
+            if parameter.requires_grad:
+                trainable += parameter.numel()
+        return trainable, total
+
     def print_trainable_parameters(self) -> None:
-        """Print trainable / total parameter counts, like PEFT's method of the same name."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        """Print trainable / total parameter counts, in PEFT's format."""
+        trainable, total = self.get_nb_trainable_parameters()
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
@@ -857,7 +915,8 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         Args:
             save_directory (`str` or `os.PathLike`): target directory (created if needed).
             state_dict (`dict`, *optional*): tensors to save instead of `self.state_dict()` (latent entries only are used).
-            save_base (`bool`, *optional*): force saving (or not) the full base; by default, saved iff not frozen.
+            save_base (`bool`, *optional*): force saving (or not) the full base; by default, saved iff some of its
+                parameters are trainable (PEFT adapters aside: a base carrying them is never saved whole).
             is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes.
             repo_id (`str`, *optional*): the Hub repo the save is meant for (used in the model card's usage snippet).
             with_tokenizer (`bool`, *optional*): the tokenizer is saved beside it (the card's snippet loads it there).
@@ -873,7 +932,19 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             raise ValueError(f"save_directory ({save_directory}) must be a directory, not a file.")
         if not is_main_process:
             return
-        save_base = (not self.is_base_frozen) if save_base is None else save_base
+        adapters = _peft_adapter_layers(self.language_model)
+        if save_base is None:
+            # Adapter weights are the PeftModel's to save (its `save_pretrained`): they do not make the base "trained".
+            adapter_ids = {id(p) for layer in adapters for p in layer.parameters()} - {
+                id(p) for layer in adapters for p in layer.get_base_layer().parameters()
+            }
+            save_base = any(p.requires_grad and id(p) not in adapter_ids for p in self.language_model.parameters())
+        if save_base and adapters:
+            raise ValueError(
+                "The base carries PEFT adapters, so it cannot be saved whole in transformers' format. Save the adapters "
+                "with the PeftModel's `save_pretrained` and the backbone with `save_base=False`, or merge them first "
+                "(`merge_and_unload()`)."
+            )
         latent_tensors = self.latent_state_dict(state_dict)
         metadata = {"format": "pt", "hf_prefalign_version": __version__}
         config = copy.deepcopy(self.config)
@@ -985,7 +1056,9 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                 current accelerator if there is one, else the CPU. The latent modules hook into the base's layers,
                 so a map that spreads the model over several devices is refused.
             is_trainable (`bool`, *optional*, defaults to `False`):
-                Load in training mode. A frozen-base checkpoint keeps its base frozen either way.
+                As in PEFT: `False` loads for inference, in eval mode with every parameter frozen (`requires_grad`
+                False); `True` loads in training mode with the latent modules trainable (and the base, when the
+                checkpoint includes it; a frozen-base checkpoint keeps its base frozen).
             posterior_refinement_steps, posterior_refinement_step_size (*optional*):
                 Override how the loaded backbone encodes responses (see [`PrefAlignConfig`]).
         """
@@ -1050,7 +1123,9 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         if subfolder:
             model.name_or_path = f"{model.name_or_path}/{subfolder}"
         model.load_latent_weights(directory / WEIGHTS_NAME)
-        if not config.base_included:
+        if not is_trainable:
+            model.requires_grad_(False)
+        elif not config.base_included:
             model.freeze_base()
         if (directory / GENERATION_CONFIG_NAME).is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
@@ -1174,4 +1249,4 @@ def load_default_backbone(**latent_options: Any) -> tuple[PrefAlignForCausalLM, 
     return PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer, **latent_options), tokenizer
 
 
-__all__ = ["PrefAlignForCausalLM", "PrefAlignPreTrainedModel", "load_default_backbone"]
+__all__ = ["LATENT_MODULES_PATTERN", "PrefAlignForCausalLM", "PrefAlignPreTrainedModel", "load_default_backbone"]

@@ -96,6 +96,12 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
             model.unfreeze_base()
         if args.gradient_skip_path:
             model.enable_gradient_skip_path()
+        if not any(p.requires_grad for p in model.latent_parameters()):
+            raise ValueError(
+                "None of the backbone's latent parameters is trainable. `from_pretrained` loads a backbone frozen, for "
+                "inference: load it with `PrefAlignForCausalLM.from_pretrained(path, is_trainable=True)` to train it "
+                "(`get_peft_model` also freezes everything but its adapters)."
+            )
 
         # Processing class
         if processing_class is None:
