@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -450,22 +451,63 @@ def test_trl_argument_names_are_aliases(tmp_path, command, spelling):
     assert getattr(args, ours) == "the/source"
 
 
+def _usage_error(capsys, command: str) -> str:
+    """The one line a usage error prints (then the hint), never argparse's usage dump nor a traceback."""
+    captured = capsys.readouterr().err
+    err = captured.strip().splitlines()
+    assert len(err) == 2 and err[1] == f"hint: see `hf-prefalign {command} --help`", captured
+    assert err[0].startswith(f"hf-prefalign {command}: error: ") and "Traceback" not in captured, captured
+    return err[0]
+
+
 def test_a_yaml_file_that_sets_a_flag_and_its_alias_is_refused(tmp_path, capsys):
     config = tmp_path / "both.yaml"
     config.write_text("output_dir: x\nmodel: a/b\nmodel_name_or_path: c/d\n")
-    with pytest.raises(SystemExit) as excinfo:
-        main(["clap", "--config", str(config), "--pool", "p"])
-    assert excinfo.value.code == 2
-    assert "sets one setting twice: model and model_name_or_path" in capsys.readouterr().err
+    assert main(["clap", "--config", str(config), "--pool", "p"]) == 2
+    assert "sets one setting twice: model and model_name_or_path" in _usage_error(capsys, "clap")
 
 
 def test_unknown_yaml_key_is_a_usage_error(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
-    config.write_text("output_dir: x\nlearning_rat: 0.1\n")
-    with pytest.raises(SystemExit) as excinfo:
-        main(["align", "--config", str(config), "--backbone", "x"])
-    assert excinfo.value.code == 2
-    assert "learning_rat" in capsys.readouterr().err
+    config.write_text("output_dir: x\nlearning_rat: 0.1\nno_freeze_base: true\n")
+    assert main(["align", "--config", str(config), "--backbone", "x"]) == 2
+    # `no_freeze_base` is a flag, not a setting: as a key it would store the opposite of what it says
+    assert f"unknown keys in {config}: learning_rat, no_freeze_base" in _usage_error(capsys, "align")
+
+
+@pytest.mark.parametrize(
+    ("content", "argv", "message"),
+    [
+        ("pool: p\nmax_steps: many\n", [], "invalid int value: 'many'"),
+        ("- pool\n", [], "must contain a YAML mapping"),
+        ("env: [A]\npool: p\n", [], "`env` field should be a dict"),
+        ("output_dir: x\n", [], "the following arguments are required: --pool"),
+        ("pool: p\n", ["--config", "other.yaml"], "--config is given more than once"),
+        ("pool: p\n", ["--no_such_flag", "1"], "unrecognized arguments: ['--no_such_flag', '1']"),
+    ],
+    ids=["wrong-type", "not-a-mapping", "env-not-a-mapping", "missing-flag", "config-twice", "unknown-flag"],
+)
+def test_config_file_mistakes_are_one_line_usage_errors(tmp_path, capsys, content, argv, message):
+    config = tmp_path / "settings.yaml"
+    config.write_text(content)
+    assert main(["clap", "--config", str(config), *argv]) == 2
+    assert message in _usage_error(capsys, "clap")
+
+
+def test_config_file_sets_defaults_flags_override_and_env_sets_variables(tmp_path, monkeypatch):
+    from hf_prefalign import CLaPConfig
+    from hf_prefalign.cli.main import ClapArguments, _parse
+
+    monkeypatch.setenv("HF_PREFALIGN_TEST_VARIABLE", "unset")  # restored after the test (the file's `env:` sets it)
+    config = tmp_path / "settings.yaml"
+    config.write_text(
+        "env:\n  HF_PREFALIGN_TEST_VARIABLE: 7\npool: p\noutput_dir: o\nlearning_rate: 1.0e-3\nkl_weight: 0.25\n"
+        "steering_layers: [1, 2]\n"
+    )
+    args, clap = _parse("clap", (ClapArguments, CLaPConfig), ["--config", str(config), "--kl_weight", "0.5"])
+    assert (args.pool, args.steering_layers, clap.output_dir) == ("p", [1, 2], "o")
+    assert (clap.learning_rate, clap.kl_weight) == (1e-3, 0.5)  # the flag overrides the file
+    assert os.environ["HF_PREFALIGN_TEST_VARIABLE"] == "7"  # TRL's `env:` block
 
 
 def test_quickstart_refuses_a_foreign_output_folder(tmp_path, capsys):
@@ -539,3 +581,21 @@ def test_generate_sampling_flags(tiny_backbone_dir, capsys):
     assert capsys.readouterr().out == first  # --seed makes sampling repeatable
     assert main([*argv, "--temperature", "0.7"]) == 2
     assert "add --do_sample" in capsys.readouterr().err
+
+
+def test_the_yaml_example_of_the_cli_page_parses(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from hf_prefalign import CLaPConfig
+    from hf_prefalign.cli.main import ClapArguments, _parse
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
+    example = page.split("```yaml\n", 1)[1].split("```", 1)[0]
+    command = example.splitlines()[0].split(": ", 1)[1].split(" (", 1)[0].split()  # the command it names
+    (tmp_path / "clap.yaml").write_text(example)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # restored after the test (the file's `env:` sets it)
+    assert command[:2] == ["hf-prefalign", "clap"]
+    args, clap = _parse("clap", (ClapArguments, CLaPConfig), command[2:])
+    assert (args.model, args.steering_layers, clap.learning_rate) == ("Qwen/Qwen2.5-0.5B-Instruct", [8, 12], 1e-3)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"

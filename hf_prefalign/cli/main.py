@@ -1,7 +1,8 @@
 """The `hf-prefalign` subcommands (the console script's entry point, `_hf_prefalign_cli.main`, dispatches here).
 
-Each subcommand parses its dataclasses with `transformers.HfArgumentParser`, so every config field is a flag, and
-`--config file.yaml` sets defaults that flags override (unknown keys are refused). Heavy modules are imported only
+Each subcommand parses its dataclasses with `trl.TrlParser` (a `transformers.HfArgumentParser`), so every config
+field is a flag, and `--config file.yaml` sets defaults that flags override, its `env:` mapping sets environment
+variables (unknown keys are refused). Heavy modules are imported only
 by the subcommand that runs; `hf-prefalign --help` and `--version` never import this package at all. User mistakes print one line and a hint (exit 2 for
 usage errors, 1 for failures); tracebacks are for bugs.
 """
@@ -203,63 +204,12 @@ class PullArguments:
 # Helpers
 # ----------------------------------------------------------------------
 def _parse(command: str, dataclass_types: tuple, argv: list[str]) -> tuple:
-    """Parse `argv` into `dataclass_types`; `--config file.yaml` provides defaults that flags override."""
-    from transformers import HfArgumentParser
+    """Parse `argv` into `dataclass_types` with `trl.TrlParser` (`--config file.yaml` sets defaults that flags
+    override; see `hf_prefalign.cli.parser`); mistakes raise `UsageError`."""
+    from hf_prefalign.cli.parser import PrefAlignParser  # imports trl: only once a subcommand parses
 
-    parser = HfArgumentParser(dataclass_types, prog=f"hf-prefalign {command}", description=COMMANDS[command])
-    parser.add_argument("--config", help="A YAML file of settings; command-line flags override it.")
-    config_path = None
-    for index, arg in enumerate(argv):
-        if arg == "--config":
-            if index + 1 >= len(argv):
-                parser.error("--config needs a file")
-            config_path, argv = argv[index + 1], argv[:index] + argv[index + 2 :]
-            break
-        if arg.startswith("--config="):
-            config_path, argv = arg.split("=", 1)[1], argv[:index] + argv[index + 1 :]
-            break
-    if config_path is not None:
-        import yaml
-
-        path = Path(config_path)
-        if not path.is_file():
-            parser.error(f"the config file {config_path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            parser.error(f"{config_path} is not valid YAML: {' '.join(str(err).split())}")
-        if not isinstance(values, dict):
-            parser.error(f"{config_path} must hold a mapping of settings (key: value), not {type(values).__name__}")
-        # A key is any long flag of the command without its dashes, aliases included (`model_name_or_path`, as in
-        # TRL's YAML files): map each to the field it sets.
-        dests = {
-            option[2:]: action.dest
-            for action in parser._actions
-            for option in action.option_strings
-            if option.startswith("--")
-        }
-        unknown = sorted(str(key) for key in values if key not in dests)
-        if unknown:
-            parser.error(f"unknown keys in {config_path}: {', '.join(unknown)}")
-        by_dest = {}
-        for key in values:
-            by_dest.setdefault(dests[key], []).append(key)
-        twice = [" and ".join(keys) for keys in by_dest.values() if len(keys) > 1]
-        if twice:
-            parser.error(f"{config_path} sets one setting twice: {'; '.join(twice)} (keep one)")
-        values = {dests[key]: value for key, value in values.items()}
-        parser.set_defaults(**values)
-        for action in parser._actions:  # a value from the file satisfies a required flag
-            if action.dest in values:
-                action.required = False
-    try:
-        parsed = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as err:  # unknown flags; a dataclass' __post_init__ refusing a value
-        if "not used by the HfArgumentParser" in str(err):
-            raise UsageError(f"unrecognized arguments: {str(err).split(':', 1)[1].strip()}") from err
-        raise UsageError(str(err)) from err
-    except TypeError as err:  # a value of the wrong type from the config file
-        raise UsageError(f"invalid setting: {err}") from err
+    parser = PrefAlignParser(dataclass_types, prog=f"hf-prefalign {command}", description=COMMANDS[command])
+    parsed = parser.parse_args_and_config(argv)
     # The `--config` flag itself comes back as an extra namespace after the dataclasses: drop it.
     return tuple(parsed[: len(dataclass_types)])
 
