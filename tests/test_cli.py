@@ -599,3 +599,42 @@ def test_the_yaml_example_of_the_cli_page_parses(tmp_path, monkeypatch):
     args, clap = _parse("clap", (ClapArguments, CLaPConfig), command[2:])
     assert (args.model, args.steering_layers, clap.learning_rate) == ("Qwen/Qwen2.5-0.5B-Instruct", [8, 12], 1e-3)
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+
+
+def test_the_commands_of_the_own_model_page_parse():
+    import shlex
+    from pathlib import Path
+
+    from hf_prefalign import CLaPConfig, LatentDPOConfig, ResponsePoolConfig
+    from hf_prefalign.cli.main import (
+        AlignArguments,
+        ClapArguments,
+        GenerateArguments,
+        PoolArguments,
+        PushArguments,
+        UsageError,
+        _parse,
+    )
+
+    dataclasses = {
+        "pool": (PoolArguments, ResponsePoolConfig),
+        "clap": (ClapArguments, CLaPConfig),
+        "align": (AlignArguments, LatentDPOConfig),
+        "generate": (GenerateArguments,),
+        "push": (PushArguments,),
+    }
+    page = (Path(__file__).resolve().parent.parent / "docs" / "own_model.md").read_text(encoding="utf-8")
+    block = page.split("## The same from the command line", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    parsed = set()
+    for command in commands:
+        assert command[0] == "hf-prefalign", command
+        argv = command[2:]
+        if "--bf16" in argv and not torch.cuda.is_available():  # TrainingArguments refuses bf16 without a GPU
+            with pytest.raises(UsageError, match="doesn't support bf16/gpu"):
+                _parse(command[1], dataclasses[command[1]], argv)
+            index = argv.index("--bf16")
+            argv = argv[:index] + argv[index + 2 :]
+        _parse(command[1], dataclasses[command[1]], argv)  # every flag exists and takes its value
+        parsed.add(command[1])
+    assert parsed == set(dataclasses)
