@@ -16,6 +16,7 @@ import torch
 from .bank_shards import (
     DEFAULT_USERS_PER_SHARD,
     SHARDED_LAYOUT,
+    BankLockedError,
     ShardRow,
     check_shard_files,
     check_sharded_index,
@@ -557,4 +558,4 @@ def _read_index(directory: Path) -> dict:
     return index
 
 
-__all__ = ["BANK_INDEX", "PreferenceBank", "read_bank_index"]
+__all__ = ["BANK_INDEX", "BankLockedError", "PreferenceBank", "read_bank_index"]
