@@ -43,3 +43,17 @@ def test_quickstart_then_serve_users_examples(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     for tag in ("[detailed]", "[neutral]", "[concise]", "[pipeline, detailed]", "[pipeline, concise]"):
         assert tag in out, f"{tag} missing from serve_users output:\n{out}"
+
+
+def test_bank_scale_benchmark_measures_both_layouts(tmp_path):
+    module = runpy.run_path(str(EXAMPLES / "bank_scale_benchmark.py"))
+    argv = ["--sizes", "12", "40", "--users-per-shard", "16", "--lookups", "5", "--folders-up-to", "12"]
+    results = module["main"]([*argv, "--no-docs", "--same-process", "--workdir", str(tmp_path)])
+    rows = {(row["layout"], row["users"]): row for row in results["rows"]}
+    assert set(rows) == {("sharded", 12), ("folders", 12), ("sharded", 40)}
+    assert rows[("sharded", 40)]["files"] == 4, "bank.json + three shards of 16, 16 and 8 users"
+    assert rows[("folders", 12)]["files"] >= 2 * 12 + 1
+    assert rows[("sharded", 40)]["batch_rows"] == 35, "64 rows, or as many users as the bank has not read yet"
+    for row in rows.values():
+        assert row["lookups"] == 5 and 0 < row["lookup_p50_ms"] <= row["lookup_p99_ms"]
+    assert not list(tmp_path.iterdir()), "the banks are deleted"

@@ -572,6 +572,22 @@ def test_update_user_changes_only_that_user(tmp_path, world):
         update_user(_backbone(1), folder, "bob", new_pairs, _config(tmp_path, max_steps=1), processing_class=tokenizer)
 
 
+def test_update_user_of_a_sharded_bank_appends_its_row(tmp_path, world):
+    model, tokenizer, cache = world
+    bank = align_users(model, _user_datasets(), _config(tmp_path), latent_cache=cache)
+    folder = tmp_path / "sharded"
+    bank.save(folder, layout="sharded")
+    shards_before = {p.name: p.read_bytes() for p in folder.glob("shard-*")}
+    new_pairs = Dataset.from_list(_text_pairs(4, seed=11, swap=True))
+    updated = update_user(model, folder, "bob", new_pairs, _config(tmp_path, max_steps=2), latent_cache=cache)
+    assert all((folder / name).read_bytes() == data for name, data in shards_before.items()), "a shard was rewritten"
+    loaded = PreferenceBank(model.fingerprint(), LATENT_DIM, model.config.text_config.hidden_size)
+    assert sorted(loaded.load(folder)) == ["alice", "bob", "carol.v2"]
+    _assert_same_embedding(loaded.get("bob"), updated)
+    _assert_same_embedding(loaded.get("alice"), bank.get("alice"))
+    assert loaded.get("bob").config.training["updates"] == 1
+
+
 def test_save_user_adds_a_user_in_place(tmp_path):
     fingerprint = EMBEDDING_CONFIG.backbone_fingerprint
     bank = PreferenceBank(fingerprint, LATENT, FEATURES)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,8 +16,11 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from hf_prefalign import PreferenceBank, PreferenceEmbedding, PreferenceEmbeddingConfig
+from hf_prefalign.bank import read_bank_index
+from hf_prefalign.bank_shards import BankLockedError
 from hf_prefalign.data.pairs import preference_pairs_from_pool
 from hf_prefalign.scorers import available_scorers, get_scorer
+from hf_prefalign.utils.serialization import IntegrityError, sha256_file
 
 
 FINGERPRINT = "f" * 64
@@ -441,6 +448,339 @@ def test_concurrent_reads_load_each_user_once_and_agree(tmp_path):
     reference = bank.latents(ids, features)
     for _, _, latents in results:
         assert torch.equal(latents, reference)
+
+
+# ----------------------------------------------------------------------
+# PreferenceBank: the sharded layout
+# ----------------------------------------------------------------------
+SHARDED_USERS = ("alice", "bob", "carol", "dave", "erin")
+
+
+def _sharded_bank(tmp_path, users_per_shard: int = 2) -> tuple[dict[str, PreferenceEmbedding], object]:
+    users = {name: _embedding(i + 1) for i, name in enumerate(SHARDED_USERS)}
+    bank = _bank()
+    for name, embedding in users.items():
+        bank.add(name, embedding)
+    directory = tmp_path / "sharded"
+    bank.save(directory, layout="sharded", users_per_shard=users_per_shard)
+    return users, directory
+
+
+def _index(directory) -> dict:
+    return json.loads((directory / "bank.json").read_text())
+
+
+def test_sharded_save_stacks_users_in_shards_with_an_index(tmp_path):
+    users, directory = _sharded_bank(tmp_path)
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "bank.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+    ], "three files for five users, no temporary file, no lock left"
+    index = _index(directory)
+    assert index["layout"] == "sharded" and index["format_version"] == 1
+    assert (index["fingerprint"], index["latent_dim"], index["feature_dim"]) == (FINGERPRINT, LATENT, FEATURES)
+    assert [shard["ids"] for shard in index["shards"]] == [["alice", "bob"], ["carol", "dave"], ["erin"]]
+    for shard in index["shards"]:
+        path = directory / shard["file"]
+        assert shard["size"] == path.stat().st_size and shard["sha256"] == sha256_file(path) and shard["rank"] == 8
+    stacked = load_file(str(directory / "shard-00001.safetensors"))
+    assert stacked["bias"].shape == (2, 2 * LATENT) and stacked["down"].shape == (2, FEATURES, 8)
+    assert torch.equal(stacked["up"][1], users["dave"].up.detach())
+    assert read_bank_index(directory)["preference_ids"] == list(SHARDED_USERS)
+
+    bank = _bank()
+    assert bank.load(directory) == list(SHARDED_USERS)
+    for name, embedding in users.items():
+        loaded = bank.get(name)
+        _assert_same_tensors(loaded, embedding)
+        assert loaded.config == embedding.config and not loaded.training
+
+
+def test_sharded_save_groups_users_by_rank(tmp_path):
+    bank = _bank()
+    bank.add("low", _embedding(1, rank=2))
+    bank.add("high", _embedding(2, rank=8))
+    bank.add("low2", _embedding(3, rank=2))
+    bank.save(tmp_path / "b", layout="sharded")
+    assert sorted(tuple(s["ids"]) for s in _index(tmp_path / "b")["shards"]) == [("high",), ("low", "low2")]
+    again = _bank()
+    again.load(tmp_path / "b")
+    _assert_same_tensors(again.get("low2"), _embedding(3, rank=2))
+
+
+def test_sharded_append_writes_a_new_shard_and_never_rewrites_old_ones(tmp_path):
+    users, directory = _sharded_bank(tmp_path)
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in directory.glob("shard-*")}
+    bank = _bank()
+    bank.load(directory)
+    bank.get("bob")  # read, unchanged: not written again
+    bank.add("frank", _embedding(10))
+    bank.save(directory)  # the layout already there
+    index = _index(directory)
+    assert [shard["ids"] for shard in index["shards"]][-1] == ["frank"]
+    assert len(index["shards"]) == 4
+    for name, (inode, mtime, data) in before.items():
+        path = directory / name
+        assert (path.stat().st_ino, path.stat().st_mtime_ns, path.read_bytes()) == (inode, mtime, data), name
+
+    bank.add("bob", _embedding(11), overwrite=True)  # a replaced user goes to a new shard, its old row retires
+    bank.save(directory)
+    index = _index(directory)
+    assert index["shards"][0]["ids"] == ["alice", None] and index["shards"][-1]["ids"] == ["bob"]
+    reader = _bank()
+    assert sorted(reader.load(directory)) == sorted([*SHARDED_USERS, "frank"])
+    _assert_same_tensors(reader.get("bob"), _embedding(11))
+    _assert_same_tensors(reader.get("alice"), users["alice"])
+
+    only = _bank()
+    only.add("alice", reader.get("alice"))
+    only.add("zoe", _embedding(12))
+    only.save(directory, merge=False)  # exactly these two; shards left without a live row are deleted
+    assert sorted(read_bank_index(directory)["preference_ids"]) == ["alice", "zoe"]
+    assert not (directory / "shard-00001.safetensors").exists()
+    assert not [p for p in directory.iterdir() if p.name.startswith(".") or p.name == "bank.lock"]
+
+
+def test_save_user_into_a_sharded_bank_appends_one_row(tmp_path):
+    _, directory = _sharded_bank(tmp_path)
+    bank = _bank()
+    bank.add("carol", _embedding(20))
+    bank.save_user(directory, "carol")
+    index = _index(directory)
+    assert index["shards"][1]["ids"] == [None, "dave"] and index["shards"][-1]["ids"] == ["carol"]
+    reader = _bank()
+    reader.load(directory)
+    _assert_same_tensors(reader.get("carol"), _embedding(20))
+    with pytest.raises(ValueError, match="another backbone"):
+        stranger = PreferenceBank("0" * 64, LATENT, FEATURES)
+        stranger.add("carol", _embedding(1, fingerprint="0" * 64))
+        stranger.save_user(directory, "carol")
+
+
+def test_sharded_lookup_reads_only_that_users_slice(tmp_path, monkeypatch):
+    from hf_prefalign import bank_shards
+
+    users, directory = _sharded_bank(tmp_path, users_per_shard=4)
+    calls = []
+    original = bank_shards.safe_open
+
+    class Recorder:
+        def __init__(self, path, framework):
+            self.path, self.handle = path, original(path, framework=framework)
+
+        def __enter__(self):
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def get_tensor(self, name):
+            calls.append(("get_tensor", name))
+            return self.handle.get_tensor(name)
+
+        def get_slice(self, name):
+            inner = self.handle.get_slice(name)
+
+            class Slice:
+                def __getitem__(self, item):
+                    calls.append(("slice", name, item.start, item.stop))
+                    return inner[item]
+
+            return Slice()
+
+    monkeypatch.setattr(bank_shards, "safe_open", Recorder)
+    bank = _bank()
+    bank.load(directory)
+    assert calls == [], "opening a sharded bank reads no shard"
+    dave = bank.get("dave")  # row 3 of shard 0
+    _assert_same_tensors(dave, users["dave"])
+    assert not [c for c in calls if c[0] == "get_tensor"], "a lookup never loads a whole tensor"
+    rows = {c[1]: (c[2], c[3]) for c in calls}
+    assert rows["bias"] == rows["down"] == rows["up"] == rows["row_sha256"] == (3, 4)
+    assert rows["config_offsets"] == (3, 5)
+    bank.get("dave")
+    assert len(calls) == 6, "a loaded user is read once"
+
+
+def test_mixed_user_batch_from_a_sharded_bank_equals_the_folder_layout(tmp_path):
+    users = {name: _embedding(i + 1) for i, name in enumerate(SHARDED_USERS)}
+    bank = _bank()
+    for name, embedding in users.items():
+        bank.add(name, embedding)
+    bank.save(tmp_path / "folders")
+    bank.save(tmp_path / "sharded", layout="sharded", users_per_shard=2)
+    rows = ["erin", None, {"alice": 0.25, "dave": 0.75}, "bob", "erin", {"carol": 1.0, "bob": 3.0}, "alice"]
+    features = torch.randn(len(rows), FEATURES)
+    from_folders, from_shards = _bank(), _bank()
+    from_folders.load(tmp_path / "folders")
+    from_shards.load(tmp_path / "sharded")
+    expected = from_folders.latents(rows, features)
+    assert torch.equal(from_shards.latents(rows, features), expected)
+    assert torch.equal(bank.latents(rows, features), expected)
+    assert torch.equal(expected[1], torch.zeros(LATENT))
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "row_bytes", "full_verify"])
+def test_damaged_shard_gives_one_clear_error_naming_the_file(tmp_path, damage):
+    _, directory = _sharded_bank(tmp_path)
+    shard = directory / "shard-00001.safetensors"
+    if damage == "missing":
+        shard.unlink()
+        with pytest.raises(FileNotFoundError, match="shard-00001.safetensors"):
+            _bank().load(directory)
+        return
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-7])
+        with pytest.raises(IntegrityError, match="shard-00001.safetensors"):
+            _bank().load(directory)
+        return
+    data = bytearray(shard.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    bias_start = header + json.loads(data[8:header])["bias"]["data_offsets"][0]
+    data[bias_start + 4 * 2 * LATENT + 1] ^= 0xFF  # a byte of dave's row (row 1), same size
+    shard.write_bytes(bytes(data))
+    if damage == "full_verify":
+        with pytest.raises(IntegrityError, match="shard-00001.safetensors"):
+            _bank().load(directory, verify=True)
+        return
+    bank = _bank()
+    bank.load(directory)  # sizes match: the damage shows when that row is read
+    _assert_same_tensors(bank.get("carol"), _embedding(3))  # row 0 of the same shard is intact
+    with pytest.raises(IntegrityError, match=r"'dave' \(row 1\) of the shard .*shard-00001.safetensors"):
+        bank.get("dave")
+    assert "dave" not in bank._loaded
+
+
+def test_non_finite_user_in_a_shard_is_refused_on_read(tmp_path):
+    broken = _embedding(1)
+    with torch.no_grad():
+        broken.bias[0] = float("nan")
+    bank = _bank()
+    bank.add("nan", broken)
+    bank.save(tmp_path / "b", layout="sharded")
+    reader = _bank()
+    reader.load(tmp_path / "b")
+    with pytest.raises(IntegrityError, match="non-finite"):
+        reader.get("nan")
+
+
+def test_sharded_bank_of_another_backbone_is_refused(tmp_path):
+    _, directory = _sharded_bank(tmp_path)
+    with pytest.raises(ValueError, match="another backbone"):
+        PreferenceBank("0" * 64, LATENT, FEATURES).load(directory)
+    with pytest.raises(ValueError, match="latent_dim=4"):
+        PreferenceBank(FINGERPRINT, LATENT + 1, FEATURES).load(directory)
+    other = PreferenceBank("0" * 64, LATENT, FEATURES)
+    other.add("zoe", _embedding(1, fingerprint="0" * 64))
+    with pytest.raises(ValueError, match="another backbone"):
+        other.save(directory)
+    assert read_bank_index(directory)["preference_ids"] == list(SHARDED_USERS)
+
+
+@pytest.mark.parametrize("bad", ["../alice", "a/b", ".hidden", ""])
+def test_ids_and_shard_names_from_a_sharded_index_are_validated(tmp_path, bad):
+    _, directory = _sharded_bank(tmp_path)
+    index = _index(directory)
+    index["shards"][0]["ids"][0] = bad
+    (directory / "bank.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="Invalid preference id"):
+        _bank().load(directory)
+    index["shards"][0]["ids"][0] = "alice"
+    index["shards"][0]["file"] = f"../{bad}shard-00000.safetensors"
+    (directory / "bank.json").write_text(json.dumps(index))
+    with pytest.raises(OSError, match="malformed shard entry"):
+        _bank().load(directory)
+
+
+def test_sharded_index_of_a_newer_format_is_refused(tmp_path):
+    _, directory = _sharded_bank(tmp_path)
+    index = _index(directory)
+    index["format_version"] = 99
+    (directory / "bank.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="format version 99"):
+        _bank().load(directory)
+
+
+def test_a_second_writer_of_a_sharded_bank_is_refused(tmp_path):
+    from hf_prefalign.bank_shards import writer_lock
+
+    _, directory = _sharded_bank(tmp_path)
+    bank = _bank()
+    bank.add("zoe", _embedding(9))
+    with writer_lock(directory):  # another writer at work
+        with pytest.raises(BankLockedError, match=r"bank\.lock") as excinfo:
+            bank.save(directory)
+        assert str(os.getpid()) in str(excinfo.value)
+    assert "zoe" not in read_bank_index(directory)["preference_ids"]
+    bank.save(directory)  # released: the next writer goes ahead
+    assert "zoe" in read_bank_index(directory)["preference_ids"]
+
+
+def test_a_lock_left_by_a_dead_writer_is_taken_over(tmp_path):
+    _, directory = _sharded_bank(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = {"host": socket.gethostname(), "pid": int(dead.stdout), "since": "then"}
+    (directory / "bank.lock").write_text(json.dumps(lock))
+    bank = _bank()
+    bank.add("zoe", _embedding(9))
+    bank.save(directory)
+    assert "zoe" in read_bank_index(directory)["preference_ids"] and not (directory / "bank.lock").exists()
+
+
+def test_a_writer_killed_before_its_index_leaves_the_old_bank(tmp_path, monkeypatch):
+    from hf_prefalign import bank as bank_module
+
+    users, directory = _sharded_bank(tmp_path)
+    bank = _bank()
+    bank.add("zoe", _embedding(9))
+
+    def crash(index, path):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(bank_module, "write_index", crash)
+    with pytest.raises(KeyboardInterrupt):
+        bank.save(directory)
+    monkeypatch.undo()
+    assert (directory / "shard-00003.safetensors").exists(), "the new shard was written before the index"
+    reader = _bank()
+    assert reader.load(directory) == list(SHARDED_USERS), "the old index, complete"
+    _assert_same_tensors(reader.get("erin"), users["erin"])
+    (directory / ".prefalign-shard-00009.safetensors.x.tmp").write_bytes(b"half")  # a half-written shard
+    bank.save(directory)  # the next write removes what no index names, then writes its own shard
+    assert _index(directory)["shards"][-1]["ids"] == ["zoe"]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "bank.json",
+        *(f"shard-0000{i}.safetensors" for i in range(4)),
+    ]
+    reader = _bank()
+    reader.load(directory)
+    _assert_same_tensors(reader.get("zoe"), _embedding(9))
+
+
+def test_folder_layout_banks_keep_loading_and_are_not_converted_in_place(tmp_path):
+    users, directory = _saved_bank(tmp_path)
+    bank = _bank()
+    assert bank.load(directory) == ["alice", "bob", "carol"]
+    bank.add("dave", _embedding(4))
+    bank.save(directory)  # stays folders
+    assert (directory / "dave" / "model.safetensors").is_file() and "layout" not in _index(directory)
+    with pytest.raises(ValueError, match="not converted in place"):
+        bank.save(directory, layout="sharded")
+    bank.save(tmp_path / "converted", layout="sharded")
+    converted = _bank()
+    assert converted.load(tmp_path / "converted") == ["alice", "bob", "carol", "dave"]
+    _assert_same_tensors(converted.get("bob"), users["bob"])
+    with pytest.raises(ValueError, match="not converted in place"):
+        converted.save(tmp_path / "converted", layout="folders")
+    converted.save(tmp_path / "converted", layout="folders", merge=False)  # replaced whole, shards included
+    assert not list((tmp_path / "converted").glob("shard-*")) and (tmp_path / "converted" / "bob").is_dir()
+    with pytest.raises(ValueError, match="Unknown bank layout"):
+        bank.save(tmp_path / "x", layout="columns")
+    with pytest.raises(ValueError, match="users_per_shard"):
+        bank.save(tmp_path / "y", layout="sharded", users_per_shard=0)
 
 
 # ----------------------------------------------------------------------

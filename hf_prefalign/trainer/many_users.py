@@ -862,7 +862,12 @@ def update_user(
             f"The bank at {bank_directory} was built for another backbone (fingerprint "
             f"{str(index.get('fingerprint'))[:12]}, this model's is {cache.fingerprint[:12]})."
         )
-    previous = PreferenceEmbedding.from_pretrained(bank_directory / preference_id)
+    if index.get("layout") == "sharded":  # the user's row of its shard
+        reader = PreferenceBank(cache.fingerprint, index["latent_dim"], index["feature_dim"])
+        reader.load(bank_directory)
+        previous = reader.get(preference_id)
+    else:
+        previous = PreferenceEmbedding.from_pretrained(bank_directory / preference_id)
     history = dict(previous.config.training)
     pairs_by_user, identical = _read_users({preference_id: pairs})
     if identical:
