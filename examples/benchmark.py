@@ -382,6 +382,11 @@ class BenchmarkArguments:
                 f"Unknown or untrained method(s) {unknown} in `method_overrides`; expected some of "
                 f"{list(EPOCH_METHODS)} (CAA and from examples have no trainer config)."
             )
+        if "learning_rate" in raw.get("lora_dpo", {}):
+            raise ValueError(
+                "LoRA-DPO's learning rate is chosen on the validation prompts from --lora_learning_rates; set that grid "
+                "(one value to fix it) instead of `learning_rate` in `method_overrides`."
+            )
         return raw
 
 

@@ -121,6 +121,8 @@ def test_quick_run_records_every_figure_and_can_reuse_its_pool_and_backbone(benc
         ('{"latent_dpo": {"num_train_epochs": 10}}', "different numbers of epochs"),
         ('{"lora_dpo": {"max_steps": 3}}', "changes how many pairs or steps"),
         ('{"prefix_dpo": {"max_length": 16}}', "changes how many pairs or steps"),
+        ('{"lora_dpo": {"learning_rate": 1e-4}}', "lora_learning_rates"),
+        ('{"caa": {"learning_rate": 1e-4}}', "no trainer config"),
     ],
 )
 def test_unfair_settings_are_refused_before_anything_runs(benchmark, tmp_path, overrides, message):
