@@ -36,6 +36,9 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from steering_baselines import caa_generate as steering_caa_generate
+from steering_baselines import caa_vectors_for
+from steering_baselines import pad_right as _pad_right
 
 import hf_prefalign
 from hf_prefalign import (
@@ -53,7 +56,6 @@ from hf_prefalign import (
 )
 from hf_prefalign.data.pairs import preference_pairs_from_pool
 from hf_prefalign.data.prompts import tokenize_prompt, tokenize_response
-from hf_prefalign.modeling.hidden_state_encoder import masked_mean, read_hidden_states
 from hf_prefalign.modeling.likelihood import sequence_log_likelihood
 from hf_prefalign.scorers import get_scorer
 from hf_prefalign.scorers.style import exclamation_share, list_share, question_share
@@ -144,16 +146,6 @@ def get_backbone(
 # ----------------------------------------------------------------------
 # Encoder checks
 # ----------------------------------------------------------------------
-def _pad_right(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
 def group_batch(tokenizer, prompt, responses: list[str], max_length: int):
     prompt_ids = tokenize_prompt(tokenizer, prompt)
     rows = [(prompt_ids + tokenize_response(tokenizer, r))[:max_length] for r in responses]
@@ -345,33 +337,8 @@ def evaluate(name_to_responses: dict[str, list[list[int]]], tokenizer, scorer_bf
 
 
 # ----------------------------------------------------------------------
-# CAA: a steering vector from the same pairs (a small forward pre-hook)
+# CAA (examples/steering_baselines.py): the setting kept within the perplexity budget
 # ----------------------------------------------------------------------
-@torch.no_grad()
-def caa_vectors_for(
-    base, layout, tokenizer, pairs: Dataset, layers: list[int], max_length: int
-) -> dict[int, torch.Tensor]:
-    """CAA (Rimsky et al., 2024) from preference pairs: at each layer, the mean over pairs of the chosen minus the
-    rejected response's mean residual stream over its tokens (entering that layer). One pass reads every layer."""
-    sums = {layer: 0.0 for layer in layers}
-    for start in range(0, len(pairs), 16):
-        chunk = pairs.select(range(start, min(start + 16, len(pairs))))
-        for column, sign in (("chosen", 1.0), ("rejected", -1.0)):
-            rows, starts = [], []
-            for row in chunk:
-                prompt_ids = tokenize_prompt(tokenizer, row["prompt"])
-                rows.append((prompt_ids + tokenize_response(tokenizer, row[column]))[:max_length])
-                starts.append(len(prompt_ids))
-            ids, mask = _pad_right(rows, tokenizer.pad_token_id)
-            response_mask = mask.clone()
-            for r, s_ in enumerate(starts):
-                response_mask[r, :s_] = 0
-            states = read_hidden_states(base, layout, layers, ids, mask)
-            for layer, layer_states in zip(layers, states, strict=True):
-                sums[layer] = sums[layer] + sign * masked_mean(layer_states, response_mask).sum(0)
-    return {layer: total / len(pairs) for layer, total in sums.items()}
-
-
 def pick_within_budget(curve: list[dict], base_ppl: float) -> dict:
     """The setting with the highest reward whose perplexity stays within PPL_BUDGET of the base (else the lowest-
     perplexity one)."""
@@ -509,22 +476,7 @@ def main() -> None:
         return rows
 
     def caa_generate(layer: int):
-        def run(offsets: torch.Tensor, **kwargs):
-            module = layout.decoder_layers(base)[layer]
-            offset = offsets.unsqueeze(1).to(next(base.parameters()).dtype)  # (B, 1, H)
-
-            def hook(mod, hook_args, kw):
-                if hook_args:
-                    return (hook_args[0] + offset, *hook_args[1:]), kw
-                return hook_args, {**kw, "hidden_states": kw["hidden_states"] + offset}
-
-            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-            try:
-                return base.generate(**kwargs)
-            finally:
-                handle.remove()
-
-        return run
+        return steering_caa_generate(base, layout, layer)
 
     def caa_rows(settings: list[tuple[str, int, float]]):
         def rows(ids, mask, c):
