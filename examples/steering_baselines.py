@@ -15,19 +15,16 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
+from trl.trainer.utils import pad
 
 from hf_prefalign.data.prompts import tokenize_prompt, tokenize_response
 from hf_prefalign.modeling.hidden_state_encoder import masked_mean, read_hidden_states
 
 
-def pad_right(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists as a right-padded `(B, T)` batch and its attention mask."""
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as a right-padded `(B, T)` batch and its attention mask (TRL's `pad`)."""
+    ids = pad([torch.tensor(seq, dtype=torch.long) for seq in sequences], padding_value=pad_token_id)
+    mask = pad([torch.ones(len(seq), dtype=torch.long) for seq in sequences], padding_value=0)
     return ids, mask
 
 

@@ -18,6 +18,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers.utils import logging
+from trl.trainer.utils import pad
 
 from ..modeling.hidden_state_encoder import HiddenStateEncoder, masked_mean, read_hidden_states
 from ..modeling.modeling_prefalign import PrefAlignForCausalLM
@@ -28,12 +29,9 @@ logger = logging.get_logger(__name__)
 
 
 def _pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    """Token id lists as a right-padded `(B, T)` batch and its attention mask (TRL's `pad`)."""
+    ids = pad([torch.tensor(seq, dtype=torch.long) for seq in sequences], padding_value=pad_token_id)
+    mask = pad([torch.ones(len(seq), dtype=torch.long) for seq in sequences], padding_value=0)
     return ids, mask
 
 
