@@ -297,6 +297,22 @@ def test_generate_and_pipeline_accept_a_mix(world):
     assert result[0]["generated_token_ids"] == expected
 
 
+def test_pipeline_passes_preference_strength(world):
+    model, tokenizer = world
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    settings = {"do_sample": False, "max_new_tokens": 4, "min_new_tokens": 4}
+    alone = tokenizer(["w5 w6 w7"], return_tensors="pt")
+    outputs = []
+    for strength in (0.0, 2.0):
+        result = pipe("w5 w6 w7", preference_id="alice", preference_strength=strength, return_tensors=True, **settings)
+        expected = model.generate(
+            **alone, preference_id="alice", preference_strength=strength, pad_token_id=0, **settings
+        )[0].tolist()
+        assert result[0]["generated_token_ids"] == expected
+        outputs.append(result[0]["generated_token_ids"])
+    assert outputs[0] != outputs[1]  # the strength reached generation: 0 (neutral) and 2 write differently here
+
+
 def test_a_bad_mix_is_refused_before_the_lm_runs(world):
     model, tokenizer = world
     batch = _batch(tokenizer)
