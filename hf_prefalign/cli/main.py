@@ -384,9 +384,11 @@ def _clap(argv: list[str]) -> int:
     # The backbone gets a folder of its own: the Trainer's checkpoints (optimizer states, RNG states, pickled
     # training arguments) stay in --output_dir, so the backbone folder can be pushed or shared as it is.
     backbone_dir = Path(args.backbone_dir or Path(config.output_dir) / "backbone")
-    model.save_pretrained(backbone_dir, with_tokenizer=True)
-    tokenizer.save_pretrained(backbone_dir)
-    print(f"saved the backbone to {backbone_dir} (checkpoints, if any, in {config.output_dir})")
+    if trainer.args.should_save:  # under `accelerate launch` / `torchrun`, the main process writes
+        model.save_pretrained(backbone_dir, with_tokenizer=True)
+        tokenizer.save_pretrained(backbone_dir)
+        print(f"saved the backbone to {backbone_dir} (checkpoints, if any, in {config.output_dir})")
+    trainer.accelerator.wait_for_everyone()
     return 0
 
 

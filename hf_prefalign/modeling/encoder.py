@@ -11,6 +11,7 @@ from transformers.utils import logging
 
 from ..configuration_prefalign import PrefAlignConfig
 from .distributions import DiagonalGaussian
+from .hidden_state_encoder import batch_mean
 
 
 logger = logging.get_logger(__name__)
@@ -47,11 +48,12 @@ class LatentEncoder(nn.Module):
     blocks' causal attention: read over the whole sequence, the queries mostly see the prompt (shared by all of its
     responses) and the attention-sink token, and the posterior hardly tells a prompt's responses apart.
 
-    The query outputs are centred by a running mean (`feature_mean`, updated in training mode, a saved buffer) before
-    the LayerNorm. Hidden states of pretrained LMs share a large constant component (massive activations): measured on
-    SmolLM2-135M it is >99% of the features' squared norm, leaving what tells a prompt's responses apart at 0.2%. A
-    linear head on such inputs learns the shared part first and the response-specific part hardly at all; centred,
-    the within-prompt share is ~40% and the posterior learns to separate responses.
+    The query outputs are centred by a running mean (`feature_mean`, updated in training mode from the batches of all
+    processes, a saved buffer) before the LayerNorm. Hidden states of pretrained LMs share a large constant component
+    (massive activations): measured on SmolLM2-135M it is >99% of the features' squared norm, leaving what tells a
+    prompt's responses apart at 0.2%. A linear head on such inputs learns the shared part first and the
+    response-specific part hardly at all; centred, the within-prompt share is ~40% and the posterior learns to
+    separate responses.
     """
 
     feature_mean_momentum = 0.01
@@ -150,7 +152,7 @@ class LatentEncoder(nn.Module):
     def _update_feature_mean(self, features: torch.Tensor) -> None:
         # A cumulative mean over the first 1/momentum batches, an exponential moving average after.
         weight = max(1.0 / float(self.feature_mean_updates + 1), self.feature_mean_momentum)
-        self.feature_mean.lerp_(features.detach().mean(0).to(self.feature_mean.dtype), weight)
+        self.feature_mean.lerp_(batch_mean(features).to(self.feature_mean.dtype), weight)
         self.feature_mean_updates += 1
 
     def forward(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
@@ -61,15 +62,29 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+@torch.no_grad()
+def batch_mean(features: torch.Tensor) -> torch.Tensor:
+    """Mean of `(B, ...)` features over the batch and, in a distributed run, over every process's batch (as
+    `SyncBatchNorm` does): a running mean updated with it is the same in every process, and the same as one process
+    with the global batch computes. Every process must call it equally often (it all-reduces)."""
+    total, count = features.float().sum(0), torch.tensor(features.shape[0], dtype=torch.float32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        packed = torch.cat([total.flatten(), count.to(total.device).view(1)])
+        dist.all_reduce(packed)
+        total, count = packed[:-1].view_as(total), packed[-1]
+    return total / count.to(total.device)
+
+
 class HiddenStateEncoder(nn.Module):
     """Encodes a response by where it moves the base's residual stream: q(z|x,y) from mid-layer hidden states.
 
     One no-grad pass of the (frozen) base up to layer `encoder_layer` gives the residual stream of prompt + response;
-    its mean over the response tokens, centred by a running mean (`feature_mean`), goes through a linear head to the
-    posterior's mean and log-variance. Mid-layer states already separate what users care about (tone, length,
-    register: what a steering vector reads there), while the first blocks that the paper's encoder copies mostly
-    carry token identity. The head starts at zero, so an untrained encoder returns N(0, exp(posterior_init_logvar) I);
-    [`CLaPTrainer`] starts it from the principal directions of the pool's within-prompt variation.
+    its mean over the response tokens, centred by a running mean (`feature_mean`, over the batches of all
+    processes), goes through a linear head to the posterior's mean and log-variance. Mid-layer states already
+    separate what users care about (tone, length, register: what a steering vector reads there), while the first
+    blocks that the paper's encoder copies mostly carry token identity. The head starts at zero, so an untrained
+    encoder returns N(0, exp(posterior_init_logvar) I); [`CLaPTrainer`] starts it from the principal directions of
+    the pool's within-prompt variation.
 
     A prompt alone gives the features a user's prior reads: the mean state over the prompt, centred and normalised.
     """
@@ -118,9 +133,9 @@ class HiddenStateEncoder(nn.Module):
     def _update_mean(self, buffer: torch.Tensor, features: torch.Tensor) -> None:
         # A cumulative mean over the first 1/momentum batches, an exponential moving average after.
         weight = max(1.0 / float(self.feature_mean_updates + 1), self.feature_mean_momentum)
-        buffer.lerp_(features.detach().mean(0).to(buffer.dtype), weight)
+        buffer.lerp_(batch_mean(features).to(buffer.dtype), weight)
         if buffer is self.feature_mean:
             self.feature_mean_updates += 1
 
 
-__all__ = ["HiddenStateEncoder", "masked_mean", "read_hidden_states"]
+__all__ = ["HiddenStateEncoder", "batch_mean", "masked_mean", "read_hidden_states"]

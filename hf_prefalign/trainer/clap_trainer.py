@@ -153,6 +153,7 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         )
         # compute_loss returns a per-batch mean, so Trainer must divide it by the gradient accumulation steps.
         self.model_accepts_loss_kwargs = False
+        self._check_distributed_setup()
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -206,6 +207,33 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
             if len(tokenized) == 0:
                 raise ValueError(f"No prompt of the {name} dataset has 2 or more responses.")
         return tokenized
+
+    def _check_distributed_setup(self) -> None:
+        """Each process must get whole prompt groups of its own: the KL and InfoNCE terms compare responses of one
+        prompt within one process's batch, so a prompt group is never cut, and never shared, across processes."""
+        if self.is_fsdp_enabled:
+            # The posterior is computed by `backbone.posterior`, outside the wrapped root module's forward, where FSDP
+            # has not gathered the sharded parameters (docs/distributed.md says what was tried).
+            raise ValueError(
+                "CLaPTrainer does not support FSDP yet: the latent encoder runs outside the wrapped model's forward, "
+                "where FSDP's parameters are still sharded. Launch with DDP (`accelerate launch --multi_gpu` or "
+                "`torchrun`); with the base frozen, only the small latent modules are trained and replicated."
+            )
+        config = self.args.accelerator_config
+        if config.split_batches or config.dispatch_batches:
+            raise ValueError(
+                "CLaP needs whole prompt groups in every process: `accelerator_config.split_batches` and "
+                "`dispatch_batches` would cut the collated responses of a prompt across processes. Leave them False; "
+                "`per_device_train_batch_size` prompts go to each process."
+            )
+        global_batch = self.args.world_size * self.args.per_device_train_batch_size
+        if self.args.world_size > 1 and self.train_dataset is not None and len(self.train_dataset) < global_batch:
+            raise ValueError(
+                f"The train dataset has {len(self.train_dataset)} prompt(s), fewer than one step takes: "
+                f"{self.args.world_size} process(es) x per_device_train_batch_size="
+                f"{self.args.per_device_train_batch_size}. Every process needs prompts of its own: add prompts, "
+                "lower per_device_train_batch_size or launch fewer processes."
+            )
 
     # ------------------------------------------------------------------
     # Loss
@@ -512,6 +540,13 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
     # ------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's `save_model` (the main process writes), then a barrier: the backbone's save replaces its folder
+        whole, so the other processes may write their files there (a checkpoint's `rng_state_<rank>.pth`) only
+        after it."""
+        super().save_model(output_dir, _internal_call)
+        self.accelerator.wait_for_everyone()
+
     def _load_best_model(self) -> None:
         """`load_best_model_at_end`: restore the best checkpoint the same way as a resume (base included)."""
         self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -17,9 +17,14 @@ class CollectedMetricsMixin:
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def _record_metrics(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
-        for key, value in metrics.items():
-            value = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device)
-            self._metrics[mode][key].append(self.accelerator.gather(value.detach()).mean().item())
+        # One gather per step for all metrics: each becomes its mean over the processes (every process records the
+        # same keys in the same order, as they run the same loss).
+        values = torch.stack(
+            [torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device) for value in metrics.values()]
+        )
+        gathered = self.accelerator.gather(values.detach().unsqueeze(0)).mean(0).tolist()
+        for key, value in zip(metrics, gathered, strict=True):
+            self._metrics[mode][key].append(value)
 
     def _flush_metrics(self, mode: str) -> dict[str, float]:
         metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
