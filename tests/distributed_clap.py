@@ -129,7 +129,7 @@ def main(out: Path) -> None:
         "--disable_tqdm",
         "true",
     ]
-    code = cli_main(["clap", *cli_args, "--latent_dim", "4"])
+    code = cli_main(["clap", *cli_args, "--latent_dim", "4", "--eval_fraction", "0.33"])
 
     try:  # one prompt for two processes
         CLaPTrainer(

@@ -110,6 +110,8 @@ def test_cli_clap_runs_in_every_process(launched):
     assert sorted(p.name for p in (out / "cli").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert (out / "cli" / "backbone" / "model.safetensors").is_file()
     assert (out / "cli" / "backbone" / "tokenizer.json").is_file()
+    summary = json.loads((out / "cli" / "backbone" / "config.json").read_text())["training_summary"]
+    assert summary["prompts"] == 4 and 0.0 <= summary["evaluation"]["eval_contrastive/accuracy"] <= 1.0
 
 
 def test_fewer_prompts_than_processes_take_is_an_error(launched):

@@ -541,11 +541,12 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
     # Checkpoints
     # ------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Trainer's `save_model` (the main process writes), then a barrier: the backbone's save replaces its folder
-        whole, so the other processes may write their files there (a checkpoint's `rng_state_<rank>.pth`) only
-        after it."""
+        """Trainer's `save_model` (the main process writes); in a checkpoint, then a barrier: the backbone's save
+        replaces its folder whole, so the other processes may write their `rng_state_<rank>.pth` there only after.
+        (A user's call, maybe from the main process alone, waits for no one.)"""
         super().save_model(output_dir, _internal_call)
-        self.accelerator.wait_for_everyone()
+        if _internal_call:
+            self.accelerator.wait_for_everyone()
 
     def _load_best_model(self) -> None:
         """`load_best_model_at_end`: restore the best checkpoint the same way as a resume (base included)."""
