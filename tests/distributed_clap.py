@@ -103,6 +103,10 @@ def main(out: Path) -> None:
     uninterrupted = make_trainer(out / "uninterrupted", per_device_train_batch_size=1)
     sharding = [None] * dist.get_world_size()
     dist.all_gather_object(sharding, epoch_batches(uninterrupted))
+    uneven = make_trainer(out / "uneven", per_device_train_batch_size=1)
+    uneven.train_dataset = uneven.train_dataset.select(range(NUM_PROMPTS - 1))  # 5 prompts for 2 processes
+    uneven_sharding = [None] * dist.get_world_size()
+    dist.all_gather_object(uneven_sharding, epoch_batches(uneven))
     uninterrupted.train()
     resumed = make_trainer(out / "resumed", per_device_train_batch_size=1)
     resumed.train(resume_from_checkpoint=str(out / "uninterrupted" / f"checkpoint-{SAVE_STEPS}"))
@@ -147,6 +151,7 @@ def main(out: Path) -> None:
         results = {
             "world_size": dist.get_world_size(),
             "sharding": sharding,
+            "uneven_sharding": uneven_sharding,
             "uninterrupted": step_logs(uninterrupted),
             "resumed": step_logs(resumed),
             "cli_exit_code": code,

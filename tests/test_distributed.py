@@ -70,6 +70,16 @@ def test_each_process_gets_whole_prompt_groups_of_its_own(launched, tmp_path):
     assert [{**a, **b} for a, b in zip(rank0, rank1, strict=True)] == single
 
 
+def test_an_uneven_split_repeats_whole_groups_from_the_start(launched):
+    # accelerate's even_batches: 5 prompts for 2 processes, the last step's second batch is the epoch's first prompt.
+    _, results = launched
+    rank0, rank1 = results["uneven_sharding"]
+    assert len(rank0) == len(rank1) == 3
+    assert all(size == 3 for batches in (rank0, rank1) for batch in batches for size in batch.values())
+    seen = [prompt for step in zip(rank0, rank1, strict=True) for batch in step for prompt in batch]
+    assert len(set(seen)) == 5 and seen[-1] == seen[0]
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(launched, tmp_path):
     out, results = launched
     trainer = make_trainer(tmp_path, per_device_train_batch_size=2)
