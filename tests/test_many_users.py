@@ -11,7 +11,7 @@ import math
 import os
 import re
 import runpy
-import socket
+import signal
 from pathlib import Path
 
 import pytest
@@ -724,40 +724,46 @@ def _assert_bank_equals(directory: Path, expected: PreferenceBank) -> None:
         _assert_same_embedding(loaded.get(user), expected.get(user), user)
 
 
-def test_a_fan_out_killed_midway_is_finished_by_a_rerun(tmp_path, world, monkeypatch, caplog):
+@pytest.mark.parametrize("death", ["exception", "kill -9"])
+def test_a_fan_out_killed_midway_is_finished_by_a_rerun(tmp_path, world, caplog, death):
     model, _, cache = world
     users, config = _many_users(), _config(tmp_path, max_steps=3)
     reference = align_users(model, users, config, latent_cache=cache)  # one process, in memory
     directory = tmp_path / "bank"
-    real, calls = MultiUserLatentDPOTrainer._train_group, []
 
-    def dies_at_the_third_stack(self, *args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return real(self, *args)
-
-    monkeypatch.setattr(MultiUserLatentDPOTrainer, "_train_group", dies_at_the_third_stack)
-    with pytest.raises(RuntimeError, match="killed"):
-        align_users(
+    def run() -> PreferenceBank:
+        return align_users(
             model, users, config, latent_cache=cache, users_per_batch=2, bank_directory=directory, users_per_shard=2
         )
-    monkeypatch.undo()
+
+    def dies_at_the_third_stack() -> None:
+        real, calls = MultiUserLatentDPOTrainer._train_group, []
+
+        def train_group(self, *args):
+            calls.append(1)
+            if len(calls) == 3:
+                if death == "kill -9":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError("killed")
+            return real(self, *args)
+
+        MultiUserLatentDPOTrainer._train_group = train_group  # in the child only
+        run()
+
+    status = os.waitpid(_in_child(dies_at_the_third_stack), 0)[1]
+    assert os.WIFSIGNALED(status) if death == "kill -9" else os.WEXITSTATUS(status) == 1
     first = PreferenceBank(model.fingerprint(), LATENT_DIM, model.config.text_config.hidden_size)
     assert len(first.load(directory)) == 4  # the two stacks finished before the crash
-    assert not list(directory.glob("align-*.lock")), "the claim outlived the run"
-    dead = _in_child(lambda: None)
-    os.waitpid(dead, 0)  # a kill -9 leaves its claim behind: the rerun takes it over
-    claim = {"host": socket.gethostname(), "pid": dead, "since": "then"}
-    (directory / "align-00000-of-00001.lock").write_text(json.dumps(claim))
+    claims = list(directory.glob("align-*.lock"))
+    assert len(claims) == (1 if death == "kill -9" else 0)  # a kill -9 leaves its claim: the rerun takes it over
     with caplog.at_level(logging.WARNING, logger="hf_prefalign"):
-        rest = align_users(
-            model, users, config, latent_cache=cache, users_per_batch=2, bank_directory=directory, users_per_shard=2
-        )
+        rest = run()
     assert "Skipped 4 user(s) already in the bank" in caplog.text
+    assert ("Removing the stale writer lock" in caplog.text) == bool(claims)
     assert len(rest) == 3 and not set(rest.ids()) & set(first.ids())
     _assert_bank_equals(directory, reference)
     assert len(align_users(model, users, config, latent_cache=cache, bank_directory=directory)) == 0  # all done
+    assert not list(directory.glob("*.lock")) and not list(directory.glob(".prefalign-*"))
 
 
 def test_two_processes_align_their_shards_into_one_bank(tmp_path, world):
@@ -808,6 +814,10 @@ def test_fan_out_bad_input_is_named(tmp_path, world, monkeypatch):
     monkeypatch.setenv("RANK", "5")
     with pytest.raises(ValueError, match="WORLD_SIZE='2' / RANK='5'"):
         run()
+    monkeypatch.delenv("RANK")
+    with pytest.raises(ValueError, match="WORLD_SIZE='2' / RANK=None .*sets both"):
+        run()
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK")
 

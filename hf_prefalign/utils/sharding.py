@@ -43,10 +43,12 @@ def resolve_shard_spec(num_shards: int | None, shard_index: int | None) -> tuple
     if num_shards is not None:
         return check_shard_spec(num_shards, shard_index)
     world, rank = os.environ.get("WORLD_SIZE"), os.environ.get("RANK")
-    if world is None and rank is None:
+    if world in (None, "1") and rank in (None, "0"):
         return 1, 0
     try:
-        return check_shard_spec(int(world if world is not None else "1"), int(rank if rank is not None else "0"))
+        if world is None or rank is None:
+            raise ValueError("a launcher sets both")
+        return check_shard_spec(int(world), int(rank))
     except ValueError as err:
         raise ValueError(
             f"The launcher's WORLD_SIZE={world!r} / RANK={rank!r} do not name one process of a run: {err}"
