@@ -162,9 +162,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def writer_lock(directory: Path) -> Iterator[None]:
-    """Hold `directory/bank.lock` (created with `O_EXCL`) while writing; a held lock is a `BankLockedError`."""
-    lock = directory / WRITER_LOCK_NAME
+def writer_lock(
+    directory: Path,
+    name: str = WRITER_LOCK_NAME,
+    error: type[OSError] = BankLockedError,
+    what: str = "Another writer holds the sharded bank",
+) -> Iterator[None]:
+    """Hold `directory/name` (created with `O_EXCL`) while writing; a held lock is an `error` (`BankLockedError`).
+
+    Also how one process claims one shard of a split (`align_users(..., bank_directory=..., shard_index=...)`,
+    `LatentCache.encode_pool(..., shard_index=...)`): a second process given the same shard is refused."""
+    lock = directory / name
     host = socket.gethostname()
     for attempt in range(2):
         try:
@@ -177,10 +185,10 @@ def writer_lock(directory: Path) -> Iterator[None]:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(lock)
                 continue
-            raise BankLockedError(
-                f"Another writer holds the sharded bank at {directory} ({lock} exists: process "
+            raise error(
+                f"{what} at {directory} ({lock} exists: process "
                 f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}). Wait for "
-                f"it to finish; if no process is writing this bank, delete {lock}."
+                f"it to finish; if no such process is running, delete {lock}."
             ) from None
         break
     try:
@@ -192,6 +200,15 @@ def writer_lock(directory: Path) -> Iterator[None]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
+
+
+def lock_is_live(lock: Path) -> bool:
+    """Whether `lock` is held: it exists and its holder is not a dead process of this host."""
+    if not lock.exists():
+        return False
+    holder = _read_lock(lock)
+    dead = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+    return not (dead and not _pid_alive(holder["pid"]))
 
 
 def _read_lock(lock: Path) -> dict[str, Any]:

@@ -638,3 +638,19 @@ def test_the_commands_of_the_own_model_page_parse():
         _parse(command[1], dataclasses[command[1]], argv)  # every flag exists and takes its value
         parsed.add(command[1])
     assert parsed == set(dataclasses)
+
+
+def test_align_many_users_in_shards_into_one_sharded_bank(tiny_backbone_dir, tmp_path, capsys):
+    rows = [row for i, user in enumerate(["alice", "bob", "carol", "dave"]) for row in _user_rows(user, 3, 10 + i)]
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["align", "--backbone", str(tiny_backbone_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "b")]
+    for shard in ("0", "1", "0"):  # the rerun of shard 0 finds its users there and aligns nothing
+        assert main([*argv, *QUICK_ALIGN, "--num_shards", "2", "--shard_index", shard]) == 0
+    out = capsys.readouterr().out
+    assert out.count("into the sharded bank at") == 3 and "aligned 0 users" in out
+    index = json.loads((tmp_path / "b" / "bank.json").read_text())
+    assert index["layout"] == "sharded"
+    assert sorted(pid for shard in index["shards"] for pid in shard["ids"]) == ["alice", "bob", "carol", "dave"]
+    assert main([*argv, *QUICK_ALIGN, "--num_shards", "2", "--shard_index", "2"]) != 0
+    assert "shard_index" in capsys.readouterr().err

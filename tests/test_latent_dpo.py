@@ -375,10 +375,11 @@ def test_disk_cache_is_reused_by_a_fresh_cache_and_trainer(tmp_path):
     first = _trainer(tmp_path, model=model, name="a", latent_cache_dir=str(cache_dir))
     assert first.cache_sequences_encoded == 72
     folder = cache_dir / model.fingerprint()[:24]
-    assert (folder / "index.json").is_file() and (folder / "latents.safetensors").is_file()
     index = json.loads((folder / "index.json").read_text())
     assert index["fingerprint"] == model.fingerprint()
-    assert len(index["prompts"]) == 24 and len(index["responses"]) == 48
+    assert sorted(shard["file"] for shard in index["shards"]) == sorted(p.name for p in folder.glob("latents-*"))
+    assert sum(len(shard["prompts"]) for shard in index["shards"]) == 24
+    assert sum(len(shard["responses"]) for shard in index["shards"]) == 48
 
     fresh = LatentCache(model, tokenizer, cache_dir)
     calls, handles = _count_calls([model.latent_encoder])

@@ -8,13 +8,16 @@ import itertools
 import json
 import logging
 import math
+import os
+import re
 import runpy
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LATENT_DIM, make_tiny_base, make_tiny_tokenizer, random_words
+from conftest import LATENT_DIM, make_tiny_base, make_tiny_pool, make_tiny_tokenizer, random_words
 from datasets import Dataset
 from transformers import get_scheduler
 
@@ -35,6 +38,7 @@ from hf_prefalign.modeling.distributions import DiagonalGaussian
 from hf_prefalign.personalisation import pairs_mean_difference, set_constant_prior
 from hf_prefalign.trainer.latent_dpo_loss import latent_dpo_loss
 from hf_prefalign.trainer.many_users import user_seed
+from hf_prefalign.utils.sharding import shard_of
 
 
 torch.set_num_threads(1)
@@ -614,3 +618,268 @@ def test_benchmark_example_runs_in_quick_mode():
         assert run["train"]["users_per_s_cpu"] > 0 and run["train"]["peak_rss_mb"] > 0
         assert run["write"]["users_per_s_wall"] > 0
     assert result["one_by_one"]["users"] == 2 and result["update"]["updates"] == 1
+
+
+# ----------------------------------------------------------------------
+# Across processes: a pool encoded in shards, users aligned in shards into one bank
+# ----------------------------------------------------------------------
+def _in_child(work) -> int:
+    """Fork; the child runs `work()` and exits with 0 if it returned (1 if it raised), skipping the parent's cleanup."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _entries(cache: LatentCache) -> dict[str, torch.Tensor]:
+    return {**cache._prompts, **cache._responses}
+
+
+def test_a_pool_encoded_in_shards_by_two_processes_equals_one_process(tmp_path):
+    model, tokenizer = _backbone(), make_tiny_tokenizer()
+    pool = make_tiny_pool(num_prompts=8, num_responses=3)
+    alone = LatentCache(model, tokenizer, tmp_path / "one")
+    assert alone.encode_pool(pool) == 8 + 24
+    shared = tmp_path / "two"
+    pids = [
+        _in_child(lambda i=i: LatentCache(model, tokenizer, shared).encode_pool(pool, num_shards=2, shard_index=i))
+        for i in range(2)
+    ]
+    reads, codes = 0, {}
+    while len(codes) < 2:  # a reader while both shards are written
+        LatentCache(model, tokenizer, shared)
+        reads += 1
+        for pid in set(pids) - set(codes):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = status
+    assert list(codes.values()) == [0, 0]
+    merged = LatentCache(model, tokenizer, shared)
+    assert len(merged.shard_files) == 2 and reads > 0
+    assert set(_entries(merged)) == set(_entries(alone))
+    for key, value in _entries(alone).items():
+        torch.testing.assert_close(_entries(merged)[key], value, atol=1e-5, rtol=1e-5)
+    assert merged.encode_pool(pool) == 0  # every text is cached: nothing encoded again
+
+    # Appending a shard leaves the others untouched (the merge is the index, not a rewrite)
+    first = merged.directory / merged.shard_files[0]
+    before = (first.stat().st_ino, first.stat().st_mtime_ns, first.read_bytes())
+    assert merged.encode_pool(make_tiny_pool(num_prompts=2, num_responses=2, seed=5)) == 6
+    assert (
+        len(merged.shard_files) == 3 and (first.stat().st_ino, first.stat().st_mtime_ns, first.read_bytes()) == before
+    )
+
+
+def test_damaged_or_foreign_caches_and_bad_shard_specs_are_named(tmp_path):
+    from hf_prefalign.bank_shards import writer_lock
+    from hf_prefalign.data.latent_cache import CacheShardLockedError
+
+    model, tokenizer = _backbone(), make_tiny_tokenizer()
+    pool = make_tiny_pool(num_prompts=4, num_responses=2)
+    cache = LatentCache(model, tokenizer, tmp_path)
+    for spec in [(0, 0), (2, 2), (2, -1), (True, 0), (2, 0.5)]:
+        with pytest.raises(ValueError, match="num_shards|shard_index"):
+            cache.encode_pool(pool, num_shards=spec[0], shard_index=spec[1])
+    cache.directory.mkdir(parents=True)
+    with writer_lock(cache.directory, name="encode-00001-of-00002.lock"):  # another process encodes shard 1 of 2
+        with pytest.raises(CacheShardLockedError, match=r"encoding shard 1 of 2 .*encode-00001-of-00002\.lock"):
+            cache.encode_pool(pool, num_shards=2, shard_index=1)
+    for i in range(2):
+        cache.encode_pool(pool, num_shards=2, shard_index=i)
+    index_file = cache.directory / "index.json"
+    good_index = index_file.read_text()
+    name = cache.shard_files[1]
+    shard = cache.directory / name
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # same size, altered content
+    shard.write_bytes(bytes(data))
+    with pytest.raises(OSError, match=re.escape(name)):
+        LatentCache(model, tokenizer, tmp_path)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"lists {re.escape(name)}, which is missing"):
+        LatentCache(model, tokenizer, tmp_path)
+    index = json.loads(good_index)
+    index["fingerprint"] = "0" * 64
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="another backbone"):
+        LatentCache(model, tokenizer, tmp_path)
+
+
+def _many_users(count: int = 7) -> dict[str, Dataset]:
+    return {f"user{i}": Dataset.from_list(_text_pairs(2 + i % 3, seed=20 + i, swap=i % 2 == 1)) for i in range(count)}
+
+
+def _assert_bank_equals(directory: Path, expected: PreferenceBank) -> None:
+    index = json.loads((directory / "bank.json").read_text())
+    ids = [pid for shard in index["shards"] for pid in shard["ids"] if pid is not None]
+    assert sorted(ids) == expected.ids(), "a user is missing or present twice"
+    loaded = PreferenceBank(expected.fingerprint, expected.latent_dim, expected.feature_dim)
+    loaded.load(directory)
+    for user in expected.ids():
+        _assert_same_embedding(loaded.get(user), expected.get(user), user)
+
+
+@pytest.mark.parametrize("death", ["exception", "kill -9"])
+def test_a_fan_out_killed_midway_is_finished_by_a_rerun(tmp_path, world, caplog, death):
+    model, _, cache = world
+    users, config = _many_users(), _config(tmp_path, max_steps=3)
+    reference = align_users(model, users, config, latent_cache=cache)  # one process, in memory
+    directory = tmp_path / "bank"
+
+    def run() -> PreferenceBank:
+        return align_users(
+            model, users, config, latent_cache=cache, users_per_batch=2, bank_directory=directory, users_per_shard=2
+        )
+
+    def dies_at_the_third_stack() -> None:
+        real, calls = MultiUserLatentDPOTrainer._train_group, []
+
+        def train_group(self, *args):
+            calls.append(1)
+            if len(calls) == 3:
+                if death == "kill -9":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError("killed")
+            return real(self, *args)
+
+        MultiUserLatentDPOTrainer._train_group = train_group  # in the child only
+        run()
+
+    status = os.waitpid(_in_child(dies_at_the_third_stack), 0)[1]
+    assert os.WIFSIGNALED(status) if death == "kill -9" else os.WEXITSTATUS(status) == 1
+    first = PreferenceBank(model.fingerprint(), LATENT_DIM, model.config.text_config.hidden_size)
+    assert len(first.load(directory)) == 4  # the two stacks finished before the crash
+    claims = list(directory.glob("align-*.lock"))
+    assert len(claims) == (1 if death == "kill -9" else 0)  # a kill -9 leaves its claim: the rerun takes it over
+    with caplog.at_level(logging.WARNING, logger="hf_prefalign"):
+        rest = run()
+    assert "Skipped 4 user(s) already in the bank" in caplog.text
+    assert ("Removing the stale writer lock" in caplog.text) == bool(claims)
+    assert len(rest) == 3 and not set(rest.ids()) & set(first.ids())
+    _assert_bank_equals(directory, reference)
+    assert len(align_users(model, users, config, latent_cache=cache, bank_directory=directory)) == 0  # all done
+    assert not list(directory.glob("*.lock")) and not list(directory.glob(".prefalign-*"))
+
+
+def test_two_processes_align_their_shards_into_one_bank(tmp_path, world):
+    model, tokenizer, _ = world
+    users, config = _many_users(), _config(tmp_path, max_steps=3)
+    reference = align_users(model, users, config, processing_class=tokenizer)
+    directory = tmp_path / "bank"
+
+    def launched(rank: int):
+        def work() -> None:  # as `torchrun --nproc-per-node 2` starts it: the shard comes from RANK / WORLD_SIZE
+            os.environ.update(WORLD_SIZE="2", RANK=str(rank))
+            shared = LatentCache(model, tokenizer, tmp_path / "cache")  # one on-disk cache for both
+            mine = align_users(model, users, config, latent_cache=shared, bank_directory=directory, users_per_shard=2)
+            assert mine.ids() and all(shard_of(u, 2) == rank for u in mine.ids())
+
+        return work
+
+    pids = [_in_child(launched(rank)) for rank in range(2)]
+    assert [os.waitpid(pid, 0)[1] for pid in pids] == [0, 0]
+    _assert_bank_equals(directory, reference)
+
+
+def test_fan_out_bad_input_is_named(tmp_path, world, monkeypatch):
+    from hf_prefalign.bank_shards import BankLockedError
+    from hf_prefalign.trainer.many_users import _claim_shard
+
+    model, _, cache = world
+    users, config = _many_users(3), _config(tmp_path, max_steps=1)
+    directory = tmp_path / "bank"
+
+    def run(**kwargs):
+        return align_users(model, users, config, latent_cache=cache, **{"bank_directory": directory, **kwargs})
+
+    with _claim_shard(directory, 2, 0):  # another process aligns shard 0 of 2 into this bank
+        with pytest.raises(BankLockedError, match=r"aligning shard 0 of 2 .*align-00000-of-00002\.lock"):
+            run(num_shards=2, shard_index=0)
+        with pytest.raises(ValueError, match="must split the users the same way"):
+            run(num_shards=3, shard_index=0)
+    for spec, match in [
+        ({"num_shards": 2}, "Give both"),
+        ({"num_shards": 0, "shard_index": 0}, "at least 1"),
+        ({"num_shards": 2, "shard_index": 2}, r"in 0 \.\. 1"),
+        ({"num_shards": 2, "shard_index": 0, "users_per_shard": 0}, "users_per_shard"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            run(**spec)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(ValueError, match="WORLD_SIZE='2' / RANK='5'"):
+        run()
+    monkeypatch.delenv("RANK")
+    with pytest.raises(ValueError, match="WORLD_SIZE='2' / RANK=None .*sets both"):
+        run()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+
+    run(users_per_shard=1)
+    shard = directory / json.loads((directory / "bank.json").read_text())["shards"][0]["file"]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(shard.name)):
+        run()
+    stranger = PreferenceBank("0" * 64, LATENT_DIM, model.config.text_config.hidden_size)
+    stranger.add(
+        "zoe",
+        PreferenceEmbedding(
+            dataclasses.replace(
+                EMBEDDING_CONFIG,
+                backbone_fingerprint="0" * 64,
+                latent_dim=LATENT_DIM,
+                feature_dim=model.config.text_config.hidden_size,
+            )
+        ),
+    )
+    stranger.save(tmp_path / "foreign", layout="sharded")
+    with pytest.raises(ValueError, match="another backbone"):
+        run(bank_directory=tmp_path / "foreign")
+    stranger.save(tmp_path / "folders")
+    with pytest.raises(ValueError, match="'folders' layout"):
+        run(bank_directory=tmp_path / "folders")
+
+
+def test_parallel_cache_benchmark_runs_in_quick_mode(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "examples" / "parallel_cache_benchmark.py"
+    module = runpy.run_path(str(script))
+    result = module["main"](["--quick"])
+    module["write_docs"](result, tmp_path / "run.json", tmp_path / "run.md")
+    assert json.loads((tmp_path / "run.json").read_text()) == result
+    assert "| 2 | 1 | 24 (" in (tmp_path / "run.md").read_text()
+    one, two = result["runs"]
+    assert (one["processes"], two["processes"]) == (1, 2) and one["texts_encoded"] == two["texts_encoded"] == 6 + 18
+    assert sum(two["per_process"]) == 24 and min(two["per_process"]) > 0
+    check = result["merged_vs_one_process"]
+    assert check["same_keys"] and check["shard_files"] == 2 and check["max_abs_diff"] < 1e-4
+
+
+def test_a_format_1_cache_is_read_and_appended_to_without_a_rewrite(tmp_path):
+    from hf_prefalign.utils.serialization import save_tensors_atomic, sha256_file, write_json_atomic
+
+    model, tokenizer = _backbone(), make_tiny_tokenizer()
+    pool = make_tiny_pool(num_prompts=3, num_responses=2)
+    fresh = LatentCache(model, tokenizer)
+    fresh.encode_pool(pool)
+    folder = tmp_path / model.fingerprint()[:24]  # a cache as format 1 wrote it: one tensors file, keys in the index
+    tensors = {
+        "prompt_features": torch.stack(list(fresh._prompts.values())),
+        "response_posteriors": torch.stack(list(fresh._responses.values())),
+    }
+    save_tensors_atomic(tensors, folder / "latents.safetensors")
+    index = {"fingerprint": model.fingerprint(), "key_format": "sha256-json-v2", "prompts": list(fresh._prompts)}
+    index.update(responses=list(fresh._responses), latents_sha256=sha256_file(folder / "latents.safetensors"))
+    write_json_atomic(index, folder / "index.json")
+    before = (folder / "latents.safetensors").read_bytes()
+    cache = LatentCache(model, tokenizer, tmp_path)
+    assert cache.encode_pool(pool) == 0 and set(_entries(cache)) == set(_entries(fresh))
+    assert cache.encode_pool(make_tiny_pool(num_prompts=1, num_responses=1, seed=9)) == 2
+    assert cache.shard_files[0] == "latents.safetensors" and len(cache.shard_files) == 2
+    assert (folder / "latents.safetensors").read_bytes() == before
+    assert len(_entries(LatentCache(model, tokenizer, tmp_path))) == len(_entries(fresh)) + 2

@@ -566,9 +566,9 @@ def test_damaged_latent_cache_is_named_and_replaced_on_the_next_save(tmp_path, t
     cache.save()
     index = cache.directory / "index.json"
     raw = json.loads(index.read_text())
-    raw["responses"] = raw["responses"][:1]
+    raw["shards"][0]["responses"] = raw["shards"][0]["responses"][:1]
     index.write_text(json.dumps(raw))
-    with pytest.raises(OSError, match="index.json lists 3 prompts and 1 responses"):
+    with pytest.raises(OSError, match=r"index lists 3 prompts and 1 responses for latents-[0-9a-f]{16}\.safetensors"):
         LatentCache(model, tokenizer, cache_dir=tmp_path)
     cache.save()  # the in-memory cache replaces the damaged one
     assert _check_cache(LatentCache(model, tokenizer, cache_dir=tmp_path)) == {0, 1, 2}

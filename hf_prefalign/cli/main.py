@@ -164,6 +164,15 @@ class AlignArguments:
             "users trained together in one batched step; the bank of all of them goes to --output_dir."
         },
     )
+    num_shards: int | None = field(
+        default=None,
+        metadata={
+            "help": "Many users across processes: this process aligns shard --shard_index of --num_shards (users "
+            "split by id) into the sharded bank in --output_dir, skipping users already there (a rerun finishes what "
+            "is missing). Under `torchrun` / `accelerate launch`, RANK / WORLD_SIZE are used when these are not set."
+        },
+    )
+    shard_index: int | None = field(default=None, metadata={"help": "This process's shard (with --num_shards)."})
 
 
 @dataclass
@@ -461,6 +470,19 @@ def _align_users(args: AlignArguments, config, dataset) -> int:
         raise FileExistsError(f"{output} holds something other than a preference bank; choose another --output_dir.")
     total = len(dataset) if isinstance(dataset, dict) else len(dataset.unique("user_id"))
     model, tokenizer = _load_backbone(args.backbone)
+    if args.num_shards is not None or args.shard_index is not None or "WORLD_SIZE" in os.environ:
+        bank = align_users(
+            model,
+            dataset,
+            config,
+            processing_class=tokenizer,
+            users_per_batch=args.users_per_batch,
+            bank_directory=output,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
+        )
+        print(f"aligned {len(bank)} users into the sharded bank at {output} (users already there were skipped)")
+        return 0
     bank = align_users(model, dataset, config, processing_class=tokenizer, users_per_batch=args.users_per_batch)
     bank.save(output)
     skipped = f" ({total - len(bank)} skipped: no usable pair)" if total > len(bank) else ""

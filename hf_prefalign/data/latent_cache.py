@@ -4,33 +4,54 @@ Latent DPO never runs the LM: it needs, per preference pair, the posterior q(z|x
 response and the prompt features that the user's prior reads. They depend only on the (frozen) backbone and the
 text, so they are cached by a key of (backbone fingerprint, rendered prompt, response): users who rank the same
 response pool hit the same entries, and the encoder runs once per distinct text.
+
+On disk (`cache_dir/<fingerprint[:24]>/`), a cache is immutable shard files and one index:
+
+```
+index.json                      # fingerprint, key_format, format_version, shards: [{file, size, sha256, prompts, responses}]
+latents-<16 hex>.safetensors    # prompt_features (P, F), response_posteriors (R, 2, Z) of that shard's keys, in order
+```
+
+A save appends one shard holding the entries the index does not have yet (written to a temporary file, fsynced,
+renamed) and then replaces `index.json` atomically, both under the folder's file lock: nothing already written is
+rewritten, a kill -9 leaves the old index or the new one, and a shard no index names (a writer killed before its
+index) is deleted by the next save. Shards never change once indexed, so any number of processes read the cache
+while others append to it. Encoding a pool splits across processes with `encode_pool(pool, num_shards=n,
+shard_index=i)`: each process encodes the texts whose key hashes to its shard and appends them as its own file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
+from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from ..bank_shards import writer_lock
 from ..modeling.distributions import DiagonalGaussian
 from ..modeling.modeling_prefalign import PrefAlignForCausalLM
 from ..utils.serialization import (
+    INTERNAL_PREFIX,
     IntegrityError,
-    atomic_directory,
+    locked_directory,
     read_consistent,
     read_tensors,
     save_tensors_atomic,
     sha256_file,
     write_json_atomic,
 )
+from ..utils.sharding import check_shard_spec, shard_of, shard_tag
 from .prompts import (
     context_limit,
     is_conversational,
@@ -45,38 +66,116 @@ logger = logging.get_logger(__name__)
 
 PAIR_COLUMNS = ("features", "chosen_mean", "chosen_logvar", "rejected_mean", "rejected_logvar")
 CACHE_INDEX = "index.json"
-CACHE_TENSORS = "latents.safetensors"
+CACHE_TENSORS = "latents.safetensors"  # the single tensors file of format 1 caches (read as their one shard)
 KEY_FORMAT = "sha256-json-v2"
+CACHE_FORMAT_VERSION = 2
+SHARD_FILE = re.compile(r"latents-[0-9a-f]{16}\.safetensors")
 
 
-def _read_cache(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The entries of a saved cache (none if there is no cache yet), checked; an `OSError` names a damaged file."""
+class CacheShardLockedError(OSError):
+    """Another process is encoding the same shard of a pool into the same latent cache."""
+
+
+def _read_index(directory: Path) -> dict | None:
+    """The cache's `index.json` with its `shards` list (a format 1 index read as one shard); `None` if there is no
+    index yet. An `OSError` names a damaged index."""
     index_file = directory / CACHE_INDEX
     if not index_file.is_file():
-        return {}, {}
+        return None
     hint = f"Delete {directory} to rebuild the cache."
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise OSError(f"The latent cache index {index_file} is not valid JSON ({err}). {hint}") from err
-    if not isinstance(index, dict) or not all(isinstance(index.get(k), list) for k in ("prompts", "responses")):
-        raise OSError(f"The latent cache index {index_file} lacks its `prompts` / `responses` lists. {hint}")
-    tensors_file = directory / CACHE_TENSORS
-    expected = index.get("latents_sha256")
-    if expected is not None and tensors_file.is_file() and sha256_file(tensors_file) != expected:
-        raise IntegrityError(f"{tensors_file} does not match the sha256 recorded in {index_file}. {hint}")
-    tensors, _ = read_tensors(tensors_file)
+    if (
+        isinstance(index, dict)
+        and "shards" not in index
+        and all(isinstance(index.get(k), list) for k in ("prompts", "responses"))
+    ):  # format 1: one tensors file, its keys in the index
+        legacy = {"file": CACHE_TENSORS, "sha256": index.pop("latents_sha256", None)}
+        index = {**index, "shards": [{**legacy, "prompts": index.pop("prompts"), "responses": index.pop("responses")}]}
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list) or not all(
+        isinstance(shard, dict)
+        and isinstance(shard.get("file"), str)
+        and (shard["file"] == CACHE_TENSORS or SHARD_FILE.fullmatch(shard["file"]))
+        and all(isinstance(shard.get(k), list) for k in ("prompts", "responses"))
+        for shard in shards
+    ):
+        raise OSError(f"The latent cache index {index_file} lacks a valid `shards` list. {hint}")
+    return index
+
+
+def _read_shard(directory: Path, shard: dict, fingerprint: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shard's `prompt_features` and `response_posteriors`, checked; every failure names the file."""
+    path = directory / shard["file"]
+    hint = f"Delete {directory} to rebuild the cache."
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The latent cache index {directory / CACHE_INDEX} lists {path.name}, which is missing. {hint}"
+        )
+    if isinstance(shard.get("size"), int) and path.stat().st_size != shard["size"]:
+        raise IntegrityError(
+            f"{path} has {path.stat().st_size} bytes, the cache index records {shard['size']}: it was truncated or "
+            f"replaced. {hint}"
+        )
+    if shard.get("sha256") is not None and sha256_file(path) != shard["sha256"]:
+        raise IntegrityError(f"{path} does not match the sha256 recorded in {directory / CACHE_INDEX}. {hint}")
+    tensors, metadata = read_tensors(path)
+    if metadata.get("fingerprint", fingerprint) != fingerprint:
+        raise ValueError(
+            f"{path} was encoded by another backbone (fingerprint {metadata['fingerprint'][:12]}, this cache's is "
+            f"{fingerprint[:12]}): shards of another cache were copied here. {hint}"
+        )
     prompts, responses = tensors.get("prompt_features"), tensors.get("response_posteriors")
     if prompts is None or responses is None:
-        raise OSError(f"{tensors_file} lacks `prompt_features` / `response_posteriors`. {hint}")
-    if len(index["prompts"]) != len(prompts) or len(index["responses"]) != len(responses):
+        raise OSError(f"{path} lacks `prompt_features` / `response_posteriors`. {hint}")
+    if len(shard["prompts"]) != len(prompts) or len(shard["responses"]) != len(responses):
         raise OSError(
-            f"The latent cache at {directory} is inconsistent: {index_file} lists {len(index['prompts'])} prompts and "
-            f"{len(index['responses'])} responses, {tensors_file} holds {len(prompts)} and {len(responses)}. {hint}"
+            f"The latent cache at {directory} is inconsistent: its index lists {len(shard['prompts'])} prompts and "
+            f"{len(shard['responses'])} responses for {path.name}, which holds {len(prompts)} and {len(responses)}. "
+            f"{hint}"
         )
-    if index.get("key_format") != KEY_FORMAT:
+    return prompts, responses
+
+
+def _shard_problem(directory: Path, shard: dict) -> str | None:
+    """What is wrong with a shard, read from its header only (cheap enough for every save), or `None`."""
+    path = directory / shard["file"]
+    if not path.is_file():
+        return "the file is missing"
+    if isinstance(shard.get("size"), int) and path.stat().st_size != shard["size"]:
+        return f"it has {path.stat().st_size} bytes, the index records {shard['size']}"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            counts = [handle.get_slice(name).get_shape()[0] for name in ("prompt_features", "response_posteriors")]
+    except Exception as err:  # safetensors raises its own SafetensorError for bad headers / truncation
+        return f"it is not a readable latent shard ({err})"
+    if counts != [len(shard["prompts"]), len(shard["responses"])]:
+        listed = f"{len(shard['prompts'])} and {len(shard['responses'])}"
+        return f"it holds {counts[0]} prompts and {counts[1]} responses, the index lists {listed}"
+    return None
+
+
+def _read_cache(directory: Path, fingerprint: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The entries of every shard of a saved cache (none if there is no cache yet), checked.
+
+    An `OSError` names a missing or damaged file; a `ValueError`, a cache of another backbone."""
+    index = _read_index(directory)
+    if index is None or index.get("key_format") != KEY_FORMAT:
         return {}, {}  # keys of an older format never match the current ones: start afresh, nothing is lost
-    return dict(zip(index["prompts"], prompts, strict=True)), dict(zip(index["responses"], responses, strict=True))
+    if index.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"The latent cache at {directory} was built for another backbone (fingerprint "
+            f"{str(index.get('fingerprint'))[:12]}, this model's is {fingerprint[:12]}). Use another `cache_dir`."
+        )
+    prompts: dict[str, torch.Tensor] = {}
+    responses: dict[str, torch.Tensor] = {}
+    for shard in index["shards"]:
+        features, posteriors = _read_shard(directory, shard, fingerprint)
+        prompts.update(zip(shard["prompts"], features, strict=True))
+        responses.update(zip(shard["responses"], posteriors, strict=True))
+    return prompts, responses
 
 
 def read_preference_pairs(dataset: Dataset, name: str = "train") -> list[tuple[Any, str, str] | None]:
@@ -134,6 +233,10 @@ class LatentCache:
         tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
         cache_dir (`str`, *optional*): where entries persist between runs (a sub-folder per backbone fingerprint).
         batch_size (`int`, *optional*, defaults to 32): sequences per encoder call.
+
+    Many processes may open one `cache_dir` at once: readers see whole shards only, and writers append their own
+    shard files (see the module docstring). A cache folder whose index names a missing or damaged shard is refused
+    with an error naming the file; one recorded for another backbone fingerprint, with a `ValueError`.
     """
 
     def __init__(
@@ -172,41 +275,84 @@ class LatentCache:
     def _load(self) -> None:
         if self.directory is None:
             return
-        prompts, responses = read_consistent(self.directory, _read_cache)
+        prompts, responses = read_consistent(self.directory, lambda folder: _read_cache(folder, self.fingerprint))
         self._prompts = {**prompts, **self._prompts}
         self._responses = {**responses, **self._responses}
 
     def save(self) -> None:
-        """Write the cache, merged with what other processes saved meanwhile (under a file lock, atomically)."""
+        """Append the entries not on disk yet as one new shard file, then the index (under the folder's file lock).
+
+        Entries other processes appended meanwhile are kept (the index is re-read under the lock) and not
+        duplicated; nothing already written is rewritten."""
         if self.directory is None:
             return
-        feature_dim = self.model.config.text_config.hidden_size
-        latent_dim = self.model.config.latent_dim
-        with atomic_directory(self.directory) as tmp:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with locked_directory(self.directory) as folder:
             try:
-                on_disk = _read_cache(self.directory)  # under the lock: nobody writes it now
-            except OSError as err:  # a damaged cache is replaced by this one, not merged
-                logger.warning(f"Replacing the damaged latent cache at {self.directory}: {err}")
-                on_disk = ({}, {})
-            for key, value in on_disk[0].items():
-                self._prompts.setdefault(key, value)
-            for key, value in on_disk[1].items():
-                self._responses.setdefault(key, value)
-            prompts = torch.stack(list(self._prompts.values())) if self._prompts else torch.zeros(0, feature_dim)
-            responses = (
-                torch.stack(list(self._responses.values())) if self._responses else torch.zeros(0, 2, latent_dim)
-            )
-            save_tensors_atomic({"prompt_features": prompts, "response_posteriors": responses}, tmp / CACHE_TENSORS)
-            write_json_atomic(
-                {
-                    "fingerprint": self.fingerprint,
-                    "key_format": KEY_FORMAT,
-                    "prompts": list(self._prompts),
-                    "responses": list(self._responses),
-                    "latents_sha256": sha256_file(tmp / CACHE_TENSORS),
-                },
-                tmp / CACHE_INDEX,
-            )
+                index = _read_index(folder)  # under the lock: nobody writes it now
+            except OSError as err:  # a damaged index is replaced by one naming only the shard written now
+                logger.warning(f"Replacing the damaged latent cache index of {folder}: {err}")
+                index = None
+            if (
+                index is not None
+                and index.get("key_format") == KEY_FORMAT
+                and index.get("fingerprint") != self.fingerprint
+            ):
+                raise ValueError(
+                    f"The latent cache at {folder} was built for another backbone (fingerprint "
+                    f"{str(index.get('fingerprint'))[:12]}, this model's is {self.fingerprint[:12]}); not writing into it."
+                )
+            if index is None or index.get("key_format") != KEY_FORMAT:  # older keys never match: start afresh
+                index = {"shards": []}
+            shards = []
+            for shard in index["shards"]:  # a shard that is missing or does not match its entry is dropped
+                problem = _shard_problem(folder, shard)
+                if problem is None:
+                    shards.append({"size": (folder / shard["file"]).stat().st_size, **shard})  # format 1: no size
+                else:
+                    logger.warning(f"Dropping {shard['file']} from the latent cache at {folder}: {problem}")
+            index["shards"] = shards
+            named = {shard["file"] for shard in shards}
+            for entry in folder.iterdir():  # shards of writers killed before their index, half-written files
+                orphan = SHARD_FILE.fullmatch(entry.name) and entry.name not in named
+                if (
+                    orphan or (entry.name.startswith(INTERNAL_PREFIX) and entry.name.endswith(".tmp"))
+                ) and entry.is_file():
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
+            on_disk = {key for shard in shards for key in (*shard["prompts"], *shard["responses"])}
+            prompts = {k: v for k, v in self._prompts.items() if k not in on_disk}
+            responses = {k: v for k, v in self._responses.items() if k not in on_disk}
+            if prompts or responses:
+                feature_dim = self.model.config.text_config.hidden_size
+                latent_dim = self.model.config.latent_dim
+                tensors = {
+                    "prompt_features": torch.stack(list(prompts.values())) if prompts else torch.zeros(0, feature_dim),
+                    "response_posteriors": (
+                        torch.stack(list(responses.values())) if responses else torch.zeros(0, 2, latent_dim)
+                    ),
+                }
+                path = folder / f"latents-{uuid.uuid4().hex[:16]}.safetensors"
+                save_tensors_atomic(tensors, path, metadata={"fingerprint": self.fingerprint})
+                shards.append(
+                    {
+                        "file": path.name,
+                        "size": path.stat().st_size,
+                        "sha256": sha256_file(path),
+                        "prompts": list(prompts),
+                        "responses": list(responses),
+                    }
+                )
+                index.update(fingerprint=self.fingerprint, key_format=KEY_FORMAT, format_version=CACHE_FORMAT_VERSION)
+                write_json_atomic(index, folder / CACHE_INDEX)
+
+    @property
+    def shard_files(self) -> list[str]:
+        """The shard files the on-disk index names, in the order they were appended (empty without a `cache_dir`)."""
+        if self.directory is None:
+            return []
+        index = read_consistent(self.directory, _read_index)
+        return [] if index is None else [shard["file"] for shard in index["shards"]]
 
     # Encoding ---------------------------------------------------------
     def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,11 +463,41 @@ class LatentCache:
         stacked = torch.stack([self._responses[self._response_key(p, r)] for p, r in pairs])  # (N, 2, Z)
         return DiagonalGaussian(stacked[:, 0], stacked[:, 1])
 
-    def encode_pool(self, pool: Dataset) -> None:
-        """Encode every prompt and response of a response pool ahead of time (what all users of the pool share)."""
+    def encode_pool(self, pool: Dataset, *, num_shards: int = 1, shard_index: int = 0) -> int:
+        """Encode every prompt and response of a response pool ahead of time (what all users of the pool share).
+
+        With `num_shards=n, shard_index=i` (as `datasets.Dataset.shard` takes them), only the distinct texts whose
+        key hashes to shard `i` of `n`: `n` processes, each given its own `shard_index`, encode the pool together,
+        each appending its entries to the shared `cache_dir` as its own shard file (no file is written twice, none
+        rewritten). A second process given the same shard of the same cache meanwhile is refused
+        ([`CacheShardLockedError`]). Returns how many texts this call encoded (texts already cached are skipped).
+        """
+        num_shards, shard_index = check_shard_spec(num_shards, shard_index)
         prompts = list(pool["prompt"])
         pairs = [(p, r) for p, responses in zip(prompts, pool["responses"], strict=True) for r in responses]
-        self._encode_missing(prompts, pairs)
+        if num_shards > 1:
+            prompts = [p for p in prompts if shard_of(self._prompt_key(p), num_shards) == shard_index]
+            pairs = [(p, r) for p, r in pairs if shard_of(self._response_key(p, r), num_shards) == shard_index]
+        before = self.encoder_sequences
+        if self.directory is None or num_shards == 1:
+            self._encode_missing(prompts, pairs)
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tag = shard_tag(num_shards, shard_index)
+            with writer_lock(
+                self.directory,
+                name=f"encode-{tag}.lock",
+                error=CacheShardLockedError,
+                what=f"Another process is encoding shard {shard_index} of {num_shards} into the latent cache",
+            ):
+                self._encode_missing(prompts, pairs)
+        return self.encoder_sequences - before
 
 
-__all__ = ["PAIR_COLUMNS", "LatentCache", "normalize_preference_dataset", "read_preference_pairs"]
+__all__ = [
+    "PAIR_COLUMNS",
+    "CacheShardLockedError",
+    "LatentCache",
+    "normalize_preference_dataset",
+    "read_preference_pairs",
+]

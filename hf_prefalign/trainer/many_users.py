@@ -23,6 +23,11 @@ run, in which order, or on `users_per_batch`:
   parameters, hence exact per user; `weight_decay` on `down` and `up` but not `bias` (the `Trainer` exempts
   parameters named "bias"); `max_grad_norm` clips each user's gradient norm, not the stack's.
 
+Across processes, `align_users(..., bank_directory=..., num_shards=n, shard_index=i)` trains the users whose id
+hashes to shard i (`hf_prefalign.utils.sharding.shard_of`) and appends them to one sharded bank as they finish;
+users already in the bank are skipped, so a rerun after a crash finishes only what is missing, and since a user's
+training does not depend on the others, the bank equals a one-process run's.
+
 No LM or encoder runs during training. Settings of [`LatentDPOConfig`] that cannot apply here
 (gradient accumulation, evaluation, checkpoints, other optimizers or schedules, mixed precision, `report_to`) are
 refused with a `ValueError` naming them.
@@ -30,13 +35,16 @@ refused with a `ValueError` naming them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import os
+import re
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,13 +55,23 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..bank import PreferenceBank, read_bank_index
+from ..bank import BANK_INDEX, PreferenceBank, read_bank_index
+from ..bank_shards import (
+    DEFAULT_USERS_PER_SHARD,
+    BankLockedError,
+    check_shard_files,
+    is_sharded_index,
+    lock_is_live,
+    writer_lock,
+)
 from ..data.latent_cache import PAIR_COLUMNS, LatentCache, read_preference_pairs
 from ..loading import default_cache_dir
 from ..modeling.distributions import DiagonalGaussian
 from ..personalisation import constant_prior_bias, pairs_mean_difference
 from ..preference import PreferenceEmbedding, PreferenceEmbeddingConfig, prior_from_parameters
 from ..utils.paths import validate_preference_id
+from ..utils.serialization import resolve_directory
+from ..utils.sharding import resolve_shard_spec, shard_of, shard_tag
 from .latent_dpo_config import LatentDPOConfig
 from .latent_dpo_loss import latent_dpo_loss
 
@@ -71,6 +89,8 @@ SUPPORTED_SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
 DEFAULT_USERS_PER_BATCH = 32
 _SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 _LISTED = 5  # user ids named in a warning
+_CLAIM = re.compile(r"align-(\d{5,})-of-(\d{5,})\.lock")  # one process's claim on its shard of a fan-out
+BANK_WAIT_S = 300.0  # how long a fan-out process waits for another one's append to the bank
 
 
 def user_seed(seed: int, user_id: str, stream: str) -> int:
@@ -424,8 +444,14 @@ class MultiUserLatentDPOTrainer:
     # ------------------------------------------------------------------
     # Training
     # ------------------------------------------------------------------
-    def train(self) -> PreferenceBank:
-        """Train every user; returns a [`PreferenceBank`] holding them (also in `self.embeddings`)."""
+    def train(self, on_stack_end: Callable[[dict[str, PreferenceEmbedding]], None] | None = None) -> PreferenceBank:
+        """Train every user; returns a [`PreferenceBank`] holding them (also in `self.embeddings`).
+
+        Args:
+            on_stack_end (`Callable`, *optional*): called with each stack's finished users `{id: embedding}` before
+                the next stack starts: how [`align_users`] writes users to a bank as they finish, so that a process
+                that dies loses only the users it had not written yet.
+        """
         start = time.perf_counter()
         groups = self._groups()
         total_pairs = sum(len(user.rows) for user in self.users)
@@ -440,9 +466,12 @@ class MultiUserLatentDPOTrainer:
             total=len(self.users), desc="Latent DPO (many users)", unit="user", disable=bool(self.args.disable_tqdm)
         ) as progress:
             for group_config, users in groups:
-                for user_id, embedding in self._train_group(group_config, users):
+                finished = dict(self._train_group(group_config, users))
+                for user_id, embedding in finished.items():
                     no_signal += embedding.config.training["posterior_separation"] < 1e-3
                     self.embeddings[user_id] = embedding
+                if on_stack_end is not None:
+                    on_stack_end(finished)
                 progress.update(len(users))
                 progress.set_postfix(loss=f"{self.log_history[-1].get('loss', float('nan')):.4f}")
         for user_id in sorted(self.embeddings):
@@ -739,6 +768,10 @@ def align_users(
     latent_cache: LatentCache | None = None,
     preference_embeddings: Mapping[str, PreferenceEmbedding] | None = None,
     users_per_batch: int = DEFAULT_USERS_PER_BATCH,
+    bank_directory: str | os.PathLike | None = None,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    users_per_shard: int = DEFAULT_USERS_PER_SHARD,
 ) -> PreferenceBank:
     r"""
     Align many users at once with Latent DPO: one [`PreferenceEmbedding`] per user, returned as a [`PreferenceBank`].
@@ -746,6 +779,13 @@ def align_users(
     The frozen encoder reads each distinct (prompt, chosen, rejected) once, through a [`LatentCache`] shared by
     every user; then [`MultiUserLatentDPOTrainer`] trains all users' priors together, each exactly as it would be
     trained alone (per-user epochs, random streams, optimizer state and clipping). The LM never runs.
+
+    Across processes (see docs/preferences.md, "Across processes"): with `num_shards=n, shard_index=i`, this call
+    aligns only the users whose id hashes to shard `i` of `n` (a split by id: every rerun splits the same way). With
+    `bank_directory`, users are written to that sharded bank as they finish (each flush appends its own shard file
+    under the bank's writer lock, so processes never write the same file), users already in the bank are skipped
+    (a rerun after a crash finishes only what is missing), and a process launched with `accelerate launch` /
+    `torchrun` takes its shard from `RANK` / `WORLD_SIZE` when `num_shards` is not given.
 
     Args:
         model (`PrefAlignForCausalLM`): the (CLaP-trained) backbone; it is not modified.
@@ -760,9 +800,15 @@ def align_users(
         latent_cache (`LatentCache`, *optional*): a cache of this backbone to read and fill.
         preference_embeddings (`dict[str, PreferenceEmbedding]`, *optional*): users to continue (warm start).
         users_per_batch (`int`, *optional*, defaults to 32): users trained together in one stack.
+        bank_directory (`str` or `Path`, *optional*): a sharded bank (created if missing) to write the users to as
+            they finish, and to resume from.
+        num_shards (`int`, *optional*), shard_index (`int`, *optional*): this process's share of the users.
+        users_per_shard (`int`, *optional*, defaults to 4096): users per bank shard file; a process that dies loses
+            at most this many finished users (plus those of the stack it was training).
 
     Returns:
-        `PreferenceBank`: every aligned user; `bank.save(directory)` writes them (one folder per user + `bank.json`).
+        `PreferenceBank`: the users this call aligned (with `bank_directory`, already saved there; users it
+        skipped are not in it). Without `bank_directory`, `bank.save(directory)` writes them.
 
     Example:
 
@@ -777,11 +823,114 @@ def align_users(
         raise TypeError(f"align_users needs a trained PrefAlignForCausalLM backbone, got {type(model).__name__}.")
     args = args if args is not None else LatentDPOConfig(output_dir="latent-dpo-users")
     _check_config(args)
+    if bank_directory is None:
+        num_shards, shard_index = (1, 0) if num_shards is None and shard_index is None else (num_shards, shard_index)
+    num_shards, shard_index = resolve_shard_spec(num_shards, shard_index)
+    if not isinstance(users_per_shard, int) or isinstance(users_per_shard, bool) or users_per_shard < 1:
+        raise ValueError(f"`users_per_shard` must be a positive integer, got {users_per_shard!r}.")
     pairs_by_user, identical = _read_users(datasets)
     if identical:
         logger.warning(f"Skipped {identical} row(s) whose chosen and rejected are identical.")
+    if num_shards > 1:
+        pairs_by_user = {u: pairs for u, pairs in pairs_by_user.items() if shard_of(u, num_shards) == shard_index}
+        logger.info(f"Shard {shard_index} of {num_shards}: {len(pairs_by_user)} user(s).")
     cache = _make_cache(model, processing_class, args, latent_cache)
-    return _align_encoded(model, pairs_by_user, args, cache, preference_embeddings, users_per_batch)
+    if bank_directory is None:
+        return _align_encoded(model, pairs_by_user, args, cache, preference_embeddings, users_per_batch)
+    directory = Path(bank_directory)
+    empty = PreferenceBank(cache.fingerprint, model.config.latent_dim, model.config.text_config.hidden_size)
+    with _claim_shard(directory, num_shards, shard_index):
+        done = _bank_ids(directory, empty)
+        present = [u for u in pairs_by_user if u in done]
+        if present:
+            logger.warning(
+                f"Skipped {len(present)} user(s) already in the bank at {directory} (a rerun aligns only the missing "
+                "ones; align users again into another directory, or continue them with update_user)."
+            )
+        todo = {u: pairs for u, pairs in pairs_by_user.items() if u not in done}
+        if not any(todo.values()):
+            logger.info(f"Nothing left to align for shard {shard_index} of {num_shards} in {directory}.")
+            return empty
+        starts = {u: e for u, e in (preference_embeddings or {}).items() if u in todo}
+        writer = _BankWriter(directory, empty, users_per_shard)
+        bank = _align_encoded(model, todo, args, cache, starts, users_per_batch, on_stack_end=writer.add)
+        writer.flush()
+    return bank
+
+
+@contextlib.contextmanager
+def _claim_shard(directory: Path, num_shards: int, shard_index: int) -> Iterator[None]:
+    """Hold `align-<i>-of-<n>.lock` in the bank folder for the run: one process per shard of one split."""
+    if directory.is_file():
+        raise ValueError(f"`bank_directory` {directory} must be a directory, not a file.")
+    directory.mkdir(parents=True, exist_ok=True)
+    for entry in directory.iterdir():
+        claim = _CLAIM.fullmatch(entry.name)
+        if claim and int(claim.group(2)) != num_shards and lock_is_live(entry):
+            raise ValueError(
+                f"Another process is aligning shard {int(claim.group(1))} of {int(claim.group(2))} into the bank at "
+                f"{directory} ({entry} exists), but this one was given num_shards={num_shards}: every process of a "
+                "run must split the users the same way. Use the same num_shards (or WORLD_SIZE) for all of them."
+            )
+    tag = shard_tag(num_shards, shard_index)
+    with writer_lock(
+        directory,
+        name=f"align-{tag}.lock",
+        what=f"Another process is aligning shard {shard_index} of {num_shards} into the bank",
+    ):
+        yield
+
+
+def _bank_ids(directory: Path, bank: PreferenceBank) -> set[str]:
+    """The users already in the sharded bank at `directory` (none if there is no bank yet), after checking that the
+    bank is sharded, of this backbone and sizes, and that every shard it lists is there with its recorded size."""
+    if not (directory / BANK_INDEX).is_file():
+        return set()
+    index = read_bank_index(directory)
+    if not is_sharded_index(index):
+        raise ValueError(
+            f"The bank at {directory} uses the 'folders' layout; align_users writes to a sharded bank (choose another "
+            "`bank_directory`, or convert it: `bank.load(old); bank.save(new, layout='sharded')`)."
+        )
+    bank._check_saved_backbone(directory, index)
+    check_shard_files(resolve_directory(directory), index["shards"])
+    return set(index["preference_ids"])
+
+
+class _BankWriter:
+    """Buffers finished users and appends them to a sharded bank every `users_per_shard` users."""
+
+    def __init__(self, directory: Path, bank: PreferenceBank, users_per_shard: int):
+        self.directory, self.users_per_shard = directory, users_per_shard
+        self.fingerprint, self.sizes = bank.fingerprint, (bank.latent_dim, bank.feature_dim)
+        self.pending: dict[str, PreferenceEmbedding] = {}
+        self.written = 0
+
+    def add(self, users: dict[str, PreferenceEmbedding]) -> None:
+        self.pending.update(users)
+        while len(self.pending) >= self.users_per_shard:
+            ids = list(self.pending)[: self.users_per_shard]
+            self._write({u: self.pending.pop(u) for u in ids})
+
+    def flush(self) -> None:
+        if self.pending:
+            self._write(self.pending)
+            self.pending = {}
+
+    def _write(self, users: dict[str, PreferenceEmbedding]) -> None:
+        bank = PreferenceBank(self.fingerprint, *self.sizes)
+        for user_id in sorted(users):
+            bank.add(user_id, users[user_id])
+        deadline = time.monotonic() + BANK_WAIT_S
+        while True:  # another process of the run may be appending its users: appends are short, wait for it
+            try:
+                bank.save(self.directory, layout="sharded", users_per_shard=self.users_per_shard)
+                break
+            except BankLockedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.written += len(users)
 
 
 def _align_encoded(
@@ -791,6 +940,7 @@ def _align_encoded(
     cache: LatentCache,
     preference_embeddings: Mapping[str, PreferenceEmbedding] | None,
     users_per_batch: int,
+    on_stack_end: Callable[[dict[str, PreferenceEmbedding]], None] | None = None,
 ) -> PreferenceBank:
     """Encode the distinct pairs through `cache` (already checked against `model`) and train every user."""
     was_training = model.training
@@ -809,7 +959,7 @@ def _align_encoded(
         preference_embeddings=preference_embeddings,
         users_per_batch=users_per_batch,
     )
-    return trainer.train()
+    return trainer.train(on_stack_end=on_stack_end)
 
 
 # ----------------------------------------------------------------------
