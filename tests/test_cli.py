@@ -638,3 +638,107 @@ def test_the_commands_of_the_own_model_page_parse():
         _parse(command[1], dataclasses[command[1]], argv)  # every flag exists and takes its value
         parsed.add(command[1])
     assert parsed == set(dataclasses)
+
+
+# ----------------------------------------------------------------------
+# Device and precision flags (--dtype as TRL's ModelConfig, --use_cpu as TrainingArguments)
+# ----------------------------------------------------------------------
+def _stop_at_loading(monkeypatch, seen: dict):
+    """Replace the CLI's model loaders by ones that record the dtype they were asked for, then stop the command."""
+    import hf_prefalign.cli.main as cli
+
+    def record(reference, dtype="float32"):
+        seen["dtype"] = dtype
+        raise RuntimeError("stopped at loading")
+
+    monkeypatch.setattr(cli, "_load_base", record)
+    monkeypatch.setattr(cli, "_load_backbone", record)
+
+
+@pytest.mark.parametrize("command", ["pool", "clap", "align", "generate"])
+def test_every_model_command_takes_dtype(tmp_path, monkeypatch, capsys, command):
+    examples = tmp_path / "liked.jsonl"
+    examples.write_text(json.dumps({"prompt": "w5", "response": "w6 w7"}) + "\n")
+    pool_dir = tmp_path / "pool"
+    save_response_pool(make_tiny_pool(num_prompts=2, num_responses=2), pool_dir)
+    argv = {
+        "pool": ["--output_dir", str(tmp_path / "out"), "--prompts", str(examples)],
+        "clap": ["--output_dir", str(tmp_path / "out"), "--pool", str(pool_dir)],
+        "align": ["--output_dir", str(tmp_path / "out"), "--backbone", "b", "--from_examples", str(examples)],
+        "generate": ["--backbone", "b", "--prompt", "w5"],
+    }[command]
+    seen = {}
+    _stop_at_loading(monkeypatch, seen)
+    assert main([command, *argv]) == 1
+    assert seen == {"dtype": "float32"}  # TRL's default
+    assert main([command, *argv, "--dtype", "bfloat16"]) == 1
+    assert seen == {"dtype": "bfloat16"}
+    assert "stopped at loading" in capsys.readouterr().err
+    assert main([command, *argv, "--dtype", "float8"]) == 2
+    assert "argument --dtype: invalid choice: 'float8'" in _usage_error(capsys, command)
+    (tmp_path / "settings.yaml").write_text("dtype: half\n")  # argparse checks choices on the command line only
+    assert main([command, *argv, "--config", str(tmp_path / "settings.yaml")]) == 2
+    assert "--dtype must be one of auto, bfloat16, float16, float32, got 'half'" in _usage_error(capsys, command)
+
+
+def test_loaders_honour_dtype(tiny_base_dir, tiny_backbone_dir):
+    from hf_prefalign.cli.main import _load_backbone, _load_base
+
+    base, _ = _load_base(str(tiny_base_dir), "float16")
+    assert base.dtype == torch.float16
+    backbone, _ = _load_backbone(str(tiny_backbone_dir), "float16")
+    assert backbone.base_model.dtype == torch.float16
+    assert {p.dtype for p in backbone.latent_parameters()} == {torch.float32}  # log-densities stay in fp32
+
+
+def test_device_is_the_accelerator_unless_use_cpu(monkeypatch):
+    from hf_prefalign.cli.main import _device
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    assert _device(use_cpu=False) == torch.device("cuda")
+    assert _device(use_cpu=True) == torch.device("cpu")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert _device(use_cpu=False) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("use_cpu", [False, True])
+def test_pool_and_generate_run_where_use_cpu_says(tiny_base_dir, tiny_backbone_dir, tmp_path, monkeypatch, use_cpu):
+    import hf_prefalign
+    import hf_prefalign.cli.main as cli
+
+    asked, placed = [], []
+
+    def device(use_cpu: bool) -> torch.device:
+        asked.append(use_cpu)
+        return torch.device("cpu")
+
+    def build(model, tokenizer, prompts, config):
+        placed.append((model.device, model.dtype))
+        return make_tiny_pool(num_prompts=1, num_responses=2)
+
+    monkeypatch.setattr(cli, "_device", device)
+    monkeypatch.setattr(hf_prefalign, "build_response_pool", build)
+    flag = ["--use_cpu", "true"] if use_cpu else []
+    pool = ["pool", "--model", str(tiny_base_dir), "--output_dir", str(tmp_path / "pool"), "--num_prompts", "1"]
+    assert main([*pool, "--dtype", "float16", *flag]) == 0
+    assert placed == [(torch.device("cpu"), torch.float16)]
+    generate = ["generate", "--backbone", str(tiny_backbone_dir), "--prompt", "w5 w6", "--max_new_tokens", "2"]
+    assert main([*generate, *flag]) == 0
+    assert asked == [use_cpu, use_cpu]
+
+
+def test_pool_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "base"
+    make_tiny_base("qwen2").save_pretrained(path)
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.pad_token = None
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: tokenizer)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in ("w5 w6", "w7 w8 w9 w10")))
+    argv = ["pool", "--model", str(path), "--prompts", str(prompts), "--output_dir", str(tmp_path / "pool")]
+    with caplog.at_level("WARNING", logger="hf_prefalign.cli.main"):
+        assert main([*argv, "--num_responses", "2", "--max_new_tokens", "3", "--use_cpu", "true"]) == 0
+    assert "no pad token: padding with its EOS token '<eos>'" in caplog.text
+    assert tokenizer.pad_token == "<eos>"
+    assert len(load_response_pool(tmp_path / "pool")) == 2

@@ -10,6 +10,7 @@ usage errors, 1 for failures); tracebacks are for bugs.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import re
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from _hf_prefalign_cli import COMMANDS, main, make_parser
 
+
+logger = logging.getLogger(__name__)
 
 _REPORTED_PACKAGES = (
     "hf-prefalign",
@@ -40,6 +43,43 @@ class UsageError(Exception):
 
 
 # ----------------------------------------------------------------------
+# Device and precision flags, shared by the commands that load a model
+# ----------------------------------------------------------------------
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _dtype_field(what: str):
+    """`--dtype`, as in TRL's `ModelConfig` (same name, choices and float32 default)."""
+    latent = "; the latent modules stay in float32" if "base" in what else ""
+    return field(
+        default="float32",
+        metadata={
+            "help": f"dtype {what} is loaded in (TRL's --dtype). 'auto': the checkpoint's own dtype (for the "
+            "embedded model: bf16 where the hardware computes it natively). bf16 without native support falls "
+            f"back to float32 with a warning{latent}.",
+            "choices": list(DTYPES),
+        },
+    )
+
+
+def _use_cpu_field():
+    """`--use_cpu`, as in `TrainingArguments` (what `clap` and `align` get from their trainer's config)."""
+    return field(
+        default=False,
+        metadata={
+            "help": "Run on the CPU even when an accelerator (CUDA, MPS, XPU) is available; by default the current "
+            "accelerator is used, as `clap` and `align` do (TrainingArguments' --use_cpu)."
+        },
+    )
+
+
+def _check_dtype(dtype: str) -> None:
+    # argparse checks `choices` on the command line only: a value from a --config file arrives here unchecked.
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+# ----------------------------------------------------------------------
 # Argument dataclasses of the scripts (the trainers' configs are used as they are)
 # ----------------------------------------------------------------------
 @dataclass
@@ -57,6 +97,11 @@ class PoolArguments:
         },
     )
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    dtype: str = _dtype_field("the model")
+    use_cpu: bool = _use_cpu_field()
+
+    def __post_init__(self):
+        _check_dtype(self.dtype)
 
 
 @dataclass
@@ -79,6 +124,7 @@ class ClapArguments:
         metadata={"help": "Gradient steps on the posterior mean when the trained backbone encodes (PrefAlignConfig)."},
     )
     posterior_refinement_step_size: float = field(default=3.0, metadata={"help": "Length of each refinement step."})
+    dtype: str = _dtype_field("the frozen base")
     # The backbone's architecture (PrefAlignConfig's fields); unset keeps the config's default, the default recipe.
     latent_dim: int | None = field(
         default=None, metadata={"help": "Size of the latent z; unset: PrefAlignConfig's 32."}
@@ -118,6 +164,7 @@ class ClapArguments:
     )
 
     def __post_init__(self):
+        _check_dtype(self.dtype)
         _check_architecture(self.architecture())  # what needs no base model, before anything loads
 
     def architecture(self) -> dict:
@@ -164,6 +211,10 @@ class AlignArguments:
             "users trained together in one batched step; the bank of all of them goes to --output_dir."
         },
     )
+    dtype: str = _dtype_field("the backbone's base")
+
+    def __post_init__(self):
+        _check_dtype(self.dtype)
 
 
 @dataclass
@@ -180,6 +231,11 @@ class GenerateArguments:
     top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling threshold (with --do_sample)."})
     num_return_sequences: int = field(default=1, metadata={"help": "Responses per prompt."})
     seed: int | None = field(default=None, metadata={"help": "Random seed (transformers' set_seed), for sampling."})
+    dtype: str = _dtype_field("the backbone's base")
+    use_cpu: bool = _use_cpu_field()
+
+    def __post_init__(self):
+        _check_dtype(self.dtype)
 
 
 @dataclass
@@ -243,13 +299,33 @@ def _resume(config) -> None:
     config.resume_from_checkpoint = resolve_resume(value, config.output_dir) if value else None
 
 
-def _load_backbone(path: str):
+def _device(use_cpu: bool):
+    """Where `pool`, `generate` and `align --from_examples` run: the current accelerator unless `--use_cpu`, the
+    device the Trainer of `clap` / `align` picks."""
+    import torch
+
+    if not use_cpu and torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator()
+    return torch.device("cpu")
+
+
+def _ensure_pad_token(tokenizer) -> None:
+    """A tokenizer without a pad token pads with EOS, as TRL's scripts do (batched sampling needs one)."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError("The tokenizer has neither a pad token nor an EOS token to pad with; give it a pad token.")
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.warning(f"The tokenizer has no pad token: padding with its EOS token {tokenizer.eos_token!r}.")
+
+
+def _load_backbone(path: str, dtype: str | None = None):
     from transformers import AutoTokenizer
 
     from hf_prefalign import PrefAlignForCausalLM
 
     _check_reference(path, "backbone")
-    model = PrefAlignForCausalLM.from_pretrained(path)
+    model = PrefAlignForCausalLM.from_pretrained(path, dtype=dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError:  # the backbone folder has no tokenizer: use its base model's
@@ -263,14 +339,18 @@ def _load_backbone(path: str):
     return model, tokenizer
 
 
-def _load_base(name: str):
+def _load_base(name: str, dtype: str = "float32"):
+    """The base model and its tokenizer (padding with EOS if it has no pad token)."""
     from transformers import AutoTokenizer
 
     from hf_prefalign import load_base_model, load_default_base
 
     if name == "embedded":
-        return load_default_base()
-    return load_base_model(name), AutoTokenizer.from_pretrained(name)
+        model, tokenizer = load_default_base(dtype=dtype)
+    else:
+        model, tokenizer = load_base_model(name, dtype=dtype), AutoTokenizer.from_pretrained(name)
+    _ensure_pad_token(tokenizer)
+    return model, tokenizer
 
 
 def _check_json(path: Path) -> None:
@@ -349,8 +429,8 @@ def _pool(argv: list[str]) -> int:
     prompts = load_bundled_prompts() if args.prompts == "bundled" else _load_dataset(args.prompts)
     if args.num_prompts:
         prompts = prompts.select(range(min(args.num_prompts, len(prompts))))
-    model, tokenizer = _load_base(args.model)
-    pool = build_response_pool(model, tokenizer, prompts, config)
+    model, tokenizer = _load_base(args.model, args.dtype)
+    pool = build_response_pool(model.to(_device(args.use_cpu)), tokenizer, prompts, config)
     save_response_pool(pool, args.output_dir)
     print(f"saved a pool of {len(pool)} prompts x {config.num_responses} responses to {args.output_dir}")
     return 0
@@ -368,7 +448,7 @@ def _clap(argv: list[str]) -> int:
     if args.eval_fraction > 0:
         split = pool.train_test_split(test_size=args.eval_fraction, seed=config.seed)
         pool, eval_pool = split["train"], split["test"]
-    base, tokenizer = _load_base(args.model)
+    base, tokenizer = _load_base(args.model, args.dtype)
     architecture = args.architecture()
     _check_architecture(architecture, text_config=copy.deepcopy(base.config))  # layer indices vs the base's depth
     model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer, **architecture)
@@ -415,7 +495,7 @@ def _align(argv: list[str]) -> int:
         if resume_requested:
             raise UsageError("--resume_from_checkpoint does not apply to many users (no checkpoints are written)")
         return _align_users(args, config, dataset)
-    model, tokenizer = _load_backbone(args.backbone)
+    model, tokenizer = _load_backbone(args.backbone, args.dtype)
     trainer = LatentDPOTrainer(model, config, train_dataset=dataset, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_preference(config.output_dir)
@@ -458,7 +538,7 @@ def _align_users(args: AlignArguments, config, dataset) -> int:
     if output.is_dir() and any(output.iterdir()) and not (output / "bank.json").is_file():
         raise FileExistsError(f"{output} holds something other than a preference bank; choose another --output_dir.")
     total = len(dataset) if isinstance(dataset, dict) else len(dataset.unique("user_id"))
-    model, tokenizer = _load_backbone(args.backbone)
+    model, tokenizer = _load_backbone(args.backbone, args.dtype)
     bank = align_users(model, dataset, config, processing_class=tokenizer, users_per_batch=args.users_per_batch)
     bank.save(output)
     skipped = f" ({total - len(bank)} skipped: no usable pair)" if total > len(bank) else ""
@@ -480,7 +560,8 @@ def _align_from_examples(args: AlignArguments, config) -> int:
         raise ValueError(f"{source} holds no examples: give at least one prompt/response row the user liked.")
     examples = _load_dataset(args.from_examples, args.dataset_split)
     read_examples(examples)  # a bad file is reported before the backbone loads
-    model, tokenizer = _load_backbone(args.backbone)
+    model, tokenizer = _load_backbone(args.backbone, args.dtype)
+    model.to(_device(config.use_cpu))
     embedding = PreferenceEmbedding.from_examples(model, tokenizer, examples, rank=config.prior_rank)
     embedding.save_pretrained(config.output_dir)
     record = embedding.config.training
@@ -508,7 +589,7 @@ def _generate(argv: list[str]) -> int:
         from transformers import set_seed
 
         set_seed(args.seed)
-    model, tokenizer = _load_backbone(args.backbone)
+    model, tokenizer = _load_backbone(args.backbone, args.dtype)
     if args.preference_id is not None:
         if args.preference is None:
             raise UsageError("--preference_id needs --preference (the user's embedding, or a bank folder)")
@@ -516,8 +597,10 @@ def _generate(argv: list[str]) -> int:
             model.preferences.load(args.preference)
         else:
             model.load_preference(args.preference, preference_id=args.preference_id)
+    device = _device(args.use_cpu)
+    model.to(device)
     for prompt in args.prompt:
-        ids = torch.tensor([tokenize_prompt(tokenizer, [{"role": "user", "content": prompt}])])
+        ids = torch.tensor([tokenize_prompt(tokenizer, [{"role": "user", "content": prompt}])], device=device)
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
