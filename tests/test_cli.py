@@ -8,11 +8,12 @@ import os
 import pytest
 import torch
 import transformers
-from conftest import make_tiny_base, make_tiny_pool, make_tiny_tokenizer, random_words
+from conftest import make_tiny_pool, random_words
 from hub_server import HubServer, hub_server_fixture  # noqa: F401  (provides the `hub_server` fixture)
 
 from hf_prefalign import PrefAlignForCausalLM, PreferenceEmbedding, load_response_pool, save_response_pool
 from hf_prefalign.cli.main import main
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 
 
 # Latent DPO flags that keep a CLI alignment run small and quiet.

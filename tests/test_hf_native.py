@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LATENT_DIM, make_tiny_base, make_tiny_tokenizer
+from conftest import LATENT_DIM
 from transformers import AutoModelForCausalLM, pipeline
 
 import hf_prefalign.loading as loading
 from hf_prefalign import PrefAlignForCausalLM
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.utils.constants import EMBEDDED_DEFAULT_BASE
 
 
