@@ -562,11 +562,11 @@ def test_version_flag(capsys):
     assert capsys.readouterr().out.startswith("hf-prefalign ")
 
 
-def test_push_and_pull_have_their_own_help(capsys):
+def test_push_and_pull_have_their_own_help(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_PREFALIGN_CACHE", str(tmp_path))
     pages = {}
     for command in ("push", "pull"):
-        with pytest.raises(SystemExit):
-            main([command, "--help"])
+        assert main([command, "--help"]) == 0
         pages[command] = capsys.readouterr().out
     assert "--private" in pages["push"] and "--private" not in pages["pull"]
     assert "--subfolder" in pages["pull"] and "--subfolder" not in pages["push"]
@@ -743,3 +743,63 @@ def test_pool_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path, monkey
     assert "no pad token: padding with its EOS token '<eos>'" in caplog.text
     assert tokenizer.pad_token == "<eos>"
     assert len(load_response_pool(tmp_path / "pool")) == 2
+
+
+# ----------------------------------------------------------------------
+# Subcommand help pages: cached after the first, then drawn without importing torch
+# ----------------------------------------------------------------------
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_cached_help_pages_are_the_live_ones(monkeypatch, columns):
+    import _hf_prefalign_cli as cli
+    from hf_prefalign.cli.main import make_command_parser
+
+    monkeypatch.setenv("COLUMNS", columns)  # argparse wraps to the terminal's width, when drawing either page
+    for command in cli.COMMANDS:
+        parser = make_command_parser(command)
+        spec = json.loads(json.dumps(cli.parser_spec(parser)))  # through the cache file's format
+        assert cli.parser_from_spec(spec).format_help() == parser.format_help(), command
+
+
+def test_subcommand_help_is_fast_once_cached(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import _hf_prefalign_cli as cli
+
+    monkeypatch.setenv("HF_PREFALIGN_CACHE", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["align", "--help"]) == 0  # the live page, which caches every command's
+    live = capsys.readouterr().out
+    assert "--dtype" in live and "--learning_rate" in live
+    assert cli.help_cache_path().is_file()
+    probe = (
+        "import sys, _hf_prefalign_cli as cli\n"
+        "for command in ('align', 'push'):\n"
+        "    assert cli.main([command, '--help']) == 0\n"
+        "heavy = sorted(m for m in ('hf_prefalign', 'torch', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    start = time.perf_counter()
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    seconds = time.perf_counter() - start
+    assert out.startswith(live) and "usage: hf-prefalign push" in out
+    assert "HEAVY []" in out, out
+    assert seconds < 5, f"{seconds:.1f}s"  # ~0.2 s on an idle machine; loose for loaded CI
+
+
+def test_an_unreadable_help_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
+    import _hf_prefalign_cli as cli
+
+    monkeypatch.setenv("HF_PREFALIGN_CACHE", str(tmp_path))
+    path = cli.help_cache_path()
+    path.write_text("{not json")
+    (tmp_path / "cli_help-0123.json").write_text("{}")  # an older installation's
+    assert main(["generate", "--help"]) == 0
+    assert "--use_cpu" in capsys.readouterr().out
+    assert json.loads(path.read_text())["generate"]["prog"] == "hf-prefalign generate"  # rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

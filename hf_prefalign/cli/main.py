@@ -2,9 +2,10 @@
 
 Each subcommand parses its dataclasses with `trl.TrlParser` (a `transformers.HfArgumentParser`), so every config
 field is a flag, and `--config file.yaml` sets defaults that flags override, its `env:` mapping sets environment
-variables (unknown keys are refused). Heavy modules are imported only
-by the subcommand that runs; `hf-prefalign --help` and `--version` never import this package at all. User mistakes print one line and a hint (exit 2 for
-usage errors, 1 for failures); tracebacks are for bugs.
+variables (unknown keys are refused). Heavy modules are imported only by the subcommand that runs;
+`hf-prefalign --help` and `--version` never import this package, nor does `hf-prefalign <command> --help` once its
+page is cached (see `_hf_prefalign_cli`, which builds it here with `make_command_parser`). User mistakes print one
+line and a hint (exit 2 for usage errors, 1 for failures); tracebacks are for bugs.
 """
 
 from __future__ import annotations
@@ -259,12 +260,41 @@ class PullArguments:
 # ----------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------
+def _arguments(command: str) -> tuple[type, ...]:
+    """The dataclasses whose fields are `command`'s flags (the trainers' configs import torch: only when asked)."""
+    if command == "quickstart":
+        from hf_prefalign.quickstart import QuickstartConfig
+
+        return (QuickstartConfig,)
+    if command == "pool":
+        from hf_prefalign import ResponsePoolConfig
+
+        return (PoolArguments, ResponsePoolConfig)
+    if command == "clap":
+        from hf_prefalign import CLaPConfig
+
+        return (ClapArguments, CLaPConfig)
+    if command == "align":
+        from hf_prefalign import LatentDPOConfig
+
+        return (AlignArguments, LatentDPOConfig)
+    return {"generate": (GenerateArguments,), "push": (PushArguments,), "pull": (PullArguments,)}[command]
+
+
+def make_command_parser(command: str, dataclass_types: tuple | None = None) -> argparse.ArgumentParser:
+    """The parser of one subcommand: its help page, and (except `env`) a `PrefAlignParser` over its dataclasses."""
+    if command == "env":
+        return argparse.ArgumentParser(prog="hf-prefalign env", description=COMMANDS["env"])
+    from hf_prefalign.cli.parser import PrefAlignParser  # imports trl: only once a subcommand parses
+
+    dataclass_types = _arguments(command) if dataclass_types is None else dataclass_types
+    return PrefAlignParser(dataclass_types, prog=f"hf-prefalign {command}", description=COMMANDS[command])
+
+
 def _parse(command: str, dataclass_types: tuple, argv: list[str]) -> tuple:
     """Parse `argv` into `dataclass_types` with `trl.TrlParser` (`--config file.yaml` sets defaults that flags
     override; see `hf_prefalign.cli.parser`); mistakes raise `UsageError`."""
-    from hf_prefalign.cli.parser import PrefAlignParser  # imports trl: only once a subcommand parses
-
-    parser = PrefAlignParser(dataclass_types, prog=f"hf-prefalign {command}", description=COMMANDS[command])
+    parser = make_command_parser(command, dataclass_types)
     parsed = parser.parse_args_and_config(argv)
     # The `--config` flag itself comes back as an extra namespace after the dataclasses: drop it.
     return tuple(parsed[: len(dataclass_types)])
@@ -396,7 +426,7 @@ def _load_dataset(source: str, split: str = "train"):
 # Commands
 # ----------------------------------------------------------------------
 def _env(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="hf-prefalign env", description=COMMANDS["env"]).parse_args(argv)
+    make_command_parser("env").parse_args(argv)
     print(f"- Python: {platform.python_version()} ({platform.platform()})")
     for package in _REPORTED_PACKAGES:
         try:
@@ -415,17 +445,17 @@ def _env(argv: list[str]) -> int:
 
 
 def _quickstart(argv: list[str]) -> int:
-    from hf_prefalign.quickstart import QuickstartConfig, run_quickstart
+    from hf_prefalign.quickstart import run_quickstart
 
-    (config,) = _parse("quickstart", (QuickstartConfig,), argv)
+    (config,) = _parse("quickstart", _arguments("quickstart"), argv)
     run_quickstart(config)
     return 0
 
 
 def _pool(argv: list[str]) -> int:
-    from hf_prefalign import ResponsePoolConfig, build_response_pool, load_bundled_prompts, save_response_pool
+    from hf_prefalign import build_response_pool, load_bundled_prompts, save_response_pool
 
-    args, config = _parse("pool", (PoolArguments, ResponsePoolConfig), argv)
+    args, config = _parse("pool", _arguments("pool"), argv)
     prompts = load_bundled_prompts() if args.prompts == "bundled" else _load_dataset(args.prompts)
     if args.num_prompts:
         prompts = prompts.select(range(min(args.num_prompts, len(prompts))))
@@ -439,9 +469,9 @@ def _pool(argv: list[str]) -> int:
 def _clap(argv: list[str]) -> int:
     import copy
 
-    from hf_prefalign import CLaPConfig, CLaPTrainer, PrefAlignForCausalLM, load_response_pool
+    from hf_prefalign import CLaPTrainer, PrefAlignForCausalLM, load_response_pool
 
-    args, config = _parse("clap", (ClapArguments, CLaPConfig), argv)
+    args, config = _parse("clap", _arguments("clap"), argv)
     _resume(config)
     pool = load_response_pool(args.pool)
     eval_pool = None
@@ -471,11 +501,11 @@ def _clap(argv: list[str]) -> int:
 
 
 def _align(argv: list[str]) -> int:
-    from hf_prefalign import LatentDPOConfig, LatentDPOTrainer, load_response_pool
+    from hf_prefalign import LatentDPOTrainer, load_response_pool
     from hf_prefalign.data.pairs import preference_pairs_from_pool
     from hf_prefalign.scorers import get_scorer
 
-    args, config = _parse("align", (AlignArguments, LatentDPOConfig), argv)
+    args, config = _parse("align", _arguments("align"), argv)
     resume_requested = bool(config.resume_from_checkpoint)
     _resume(config)
     sources = [args.dataset, args.scorer, args.from_examples]
@@ -577,7 +607,7 @@ def _generate(argv: list[str]) -> int:
 
     from hf_prefalign.data.prompts import tokenize_prompt
 
-    (args,) = _parse("generate", (GenerateArguments,), argv)
+    (args,) = _parse("generate", _arguments("generate"), argv)
     if not args.prompt:
         raise UsageError("give at least one --prompt")
     sampling = {name: getattr(args, name) for name in ("temperature", "top_p") if getattr(args, name) is not None}
@@ -622,7 +652,7 @@ def _push(argv: list[str]) -> int:
 
     from hf_prefalign.hub.transfer import push_folder
 
-    (args,) = _parse("push", (PushArguments,), argv)
+    (args,) = _parse("push", _arguments("push"), argv)
     source = Path(args.path)
     if not (source / "config.json").is_file() and not (source / "bank.json").is_file():
         raise FileNotFoundError(f"{source} holds no saved backbone, preference embedding or bank (no config.json).")
@@ -661,7 +691,7 @@ def _pull(argv: list[str]) -> int:
     from hf_prefalign.hub.transfer import pull_folder
     from hf_prefalign.utils.paths import validate_relative_path
 
-    (args,) = _parse("pull", (PullArguments,), argv)
+    (args,) = _parse("pull", _arguments("pull"), argv)
     if args.subfolder is not None:
         validate_relative_path(args.subfolder, "--subfolder")  # before anything is downloaded or copied
     folder = pull_folder(args.repo_id, subfolder=args.subfolder, revision=args.revision, token=args.token)
@@ -713,7 +743,7 @@ def run(command: str, argv: list[str]) -> int:
         return 1
 
 
-__all__ = ["COMMANDS", "UsageError", "main", "make_parser", "run"]
+__all__ = ["COMMANDS", "UsageError", "main", "make_command_parser", "make_parser", "run"]
 
 
 if __name__ == "__main__":
