@@ -57,7 +57,9 @@ def make_english_tokenizer() -> PreTrainedTokenizerFast:
     return make_word_level_tokenizer(ENGLISH_VOCAB, lowercase=True, split_punctuation=True, unk_token="<unk>")
 
 
-def tiny_default_base(dtype: torch.dtype | str = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def tiny_default_base(
+    dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """What the patched `load_default_base()` returns: the same tiny Llama at every call, named like the default."""
     model = make_tiny_base("llama").to(torch.float32 if dtype == "auto" else dtype)  # stand-ins stay fp32
     model.name_or_path = EMBEDDED_DEFAULT_BASE

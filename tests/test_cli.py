@@ -648,7 +648,7 @@ def _stop_at_loading(monkeypatch, seen: dict):
     """Replace the CLI's model loaders by ones that record the dtype they were asked for, then stop the command."""
     import hf_prefalign.cli.main as cli
 
-    def record(reference, dtype="float32"):
+    def record(reference, dtype="float32", device=None):
         seen["dtype"] = dtype
         raise RuntimeError("stopped at loading")
 
@@ -690,6 +690,18 @@ def test_loaders_honour_dtype(tiny_base_dir, tiny_backbone_dir):
     backbone, _ = _load_backbone(str(tiny_backbone_dir), "float16")
     assert backbone.base_model.dtype == torch.float16
     assert {p.dtype for p in backbone.latent_parameters()} == {torch.float32}  # log-densities stay in fp32
+
+
+def test_bf16_is_kept_where_the_model_runs_natively(tiny_base_dir, monkeypatch):
+    import hf_prefalign.utils.precision as precision
+    from hf_prefalign import load_base_model
+    from hf_prefalign.cli.main import _load_base
+
+    # A GPU with bf16 beside a CPU without: bf16 is resolved for the device the model goes to, not for the CPU.
+    monkeypatch.setattr(precision, "bf16_supported", lambda device="cpu": torch.device(device).type == "cuda")
+    assert _load_base(str(tiny_base_dir), "bfloat16")[0].dtype == torch.float32  # emulated on this CPU: fp32
+    base = load_base_model(str(tiny_base_dir), dtype="bfloat16", device="cuda")
+    assert (base.dtype, base.device.type) == (torch.bfloat16, "cpu")  # loaded for the GPU, moved there by the caller
 
 
 def test_device_is_the_accelerator_unless_use_cpu(monkeypatch):

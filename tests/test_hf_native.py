@@ -79,7 +79,7 @@ def test_dtype_auto_for_the_embedded_default_is_the_documented_precision(
 ):
     asked = []
 
-    def fake_default_base(dtype=torch.float32):
+    def fake_default_base(dtype=torch.float32, device="cpu"):
         asked.append(dtype)
         model = make_tiny_base("llama")
         model.name_or_path = model.config._name_or_path = EMBEDDED_DEFAULT_BASE

@@ -349,13 +349,14 @@ def _ensure_pad_token(tokenizer) -> None:
     logger.warning(f"The tokenizer has no pad token: padding with its EOS token {tokenizer.eos_token!r}.")
 
 
-def _load_backbone(path: str, dtype: str | None = None):
+def _load_backbone(path: str, dtype: str | None = None, device=None):
+    """The backbone (on `device`, its base in `dtype` as resolved for that device) and its tokenizer."""
     from transformers import AutoTokenizer
 
     from hf_prefalign import PrefAlignForCausalLM
 
     _check_reference(path, "backbone")
-    model = PrefAlignForCausalLM.from_pretrained(path, dtype=dtype)
+    model = PrefAlignForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError:  # the backbone folder has no tokenizer: use its base model's
@@ -369,16 +370,20 @@ def _load_backbone(path: str, dtype: str | None = None):
     return model, tokenizer
 
 
-def _load_base(name: str, dtype: str = "float32"):
-    """The base model and its tokenizer (padding with EOS if it has no pad token)."""
+def _load_base(name: str, dtype: str = "float32", device=None):
+    """The base model on `device` (on the CPU for `None`), in `dtype` as resolved for that device, and its tokenizer
+    (padding with EOS if it has no pad token)."""
     from transformers import AutoTokenizer
 
     from hf_prefalign import load_base_model, load_default_base
 
+    target = device or "cpu"
     if name == "embedded":
-        model, tokenizer = load_default_base(dtype=dtype)
+        model, tokenizer = load_default_base(dtype=dtype, device=target)
     else:
-        model, tokenizer = load_base_model(name, dtype=dtype), AutoTokenizer.from_pretrained(name)
+        model, tokenizer = load_base_model(name, dtype=dtype, device=target), AutoTokenizer.from_pretrained(name)
+    if device is not None:
+        model.to(device)
     _ensure_pad_token(tokenizer)
     return model, tokenizer
 
@@ -459,8 +464,8 @@ def _pool(argv: list[str]) -> int:
     prompts = load_bundled_prompts() if args.prompts == "bundled" else _load_dataset(args.prompts)
     if args.num_prompts:
         prompts = prompts.select(range(min(args.num_prompts, len(prompts))))
-    model, tokenizer = _load_base(args.model, args.dtype)
-    pool = build_response_pool(model.to(_device(args.use_cpu)), tokenizer, prompts, config)
+    model, tokenizer = _load_base(args.model, args.dtype, _device(args.use_cpu))
+    pool = build_response_pool(model, tokenizer, prompts, config)
     save_response_pool(pool, args.output_dir)
     print(f"saved a pool of {len(pool)} prompts x {config.num_responses} responses to {args.output_dir}")
     return 0
@@ -478,7 +483,8 @@ def _clap(argv: list[str]) -> int:
     if args.eval_fraction > 0:
         split = pool.train_test_split(test_size=args.eval_fraction, seed=config.seed)
         pool, eval_pool = split["train"], split["test"]
-    base, tokenizer = _load_base(args.model, args.dtype)
+    # The Trainer moves the model to its device; bf16 is resolved for that device here.
+    base, tokenizer = _load_base(args.model, args.dtype, _device(config.use_cpu))
     architecture = args.architecture()
     _check_architecture(architecture, text_config=copy.deepcopy(base.config))  # layer indices vs the base's depth
     model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer, **architecture)
@@ -525,7 +531,7 @@ def _align(argv: list[str]) -> int:
         if resume_requested:
             raise UsageError("--resume_from_checkpoint does not apply to many users (no checkpoints are written)")
         return _align_users(args, config, dataset)
-    model, tokenizer = _load_backbone(args.backbone, args.dtype)
+    model, tokenizer = _load_backbone(args.backbone, args.dtype, _device(config.use_cpu))
     trainer = LatentDPOTrainer(model, config, train_dataset=dataset, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_preference(config.output_dir)
@@ -568,7 +574,7 @@ def _align_users(args: AlignArguments, config, dataset) -> int:
     if output.is_dir() and any(output.iterdir()) and not (output / "bank.json").is_file():
         raise FileExistsError(f"{output} holds something other than a preference bank; choose another --output_dir.")
     total = len(dataset) if isinstance(dataset, dict) else len(dataset.unique("user_id"))
-    model, tokenizer = _load_backbone(args.backbone, args.dtype)
+    model, tokenizer = _load_backbone(args.backbone, args.dtype, _device(config.use_cpu))
     bank = align_users(model, dataset, config, processing_class=tokenizer, users_per_batch=args.users_per_batch)
     bank.save(output)
     skipped = f" ({total - len(bank)} skipped: no usable pair)" if total > len(bank) else ""
@@ -590,8 +596,7 @@ def _align_from_examples(args: AlignArguments, config) -> int:
         raise ValueError(f"{source} holds no examples: give at least one prompt/response row the user liked.")
     examples = _load_dataset(args.from_examples, args.dataset_split)
     read_examples(examples)  # a bad file is reported before the backbone loads
-    model, tokenizer = _load_backbone(args.backbone, args.dtype)
-    model.to(_device(config.use_cpu))
+    model, tokenizer = _load_backbone(args.backbone, args.dtype, _device(config.use_cpu))
     embedding = PreferenceEmbedding.from_examples(model, tokenizer, examples, rank=config.prior_rank)
     embedding.save_pretrained(config.output_dir)
     record = embedding.config.training
@@ -619,7 +624,8 @@ def _generate(argv: list[str]) -> int:
         from transformers import set_seed
 
         set_seed(args.seed)
-    model, tokenizer = _load_backbone(args.backbone, args.dtype)
+    device = _device(args.use_cpu)
+    model, tokenizer = _load_backbone(args.backbone, args.dtype, device)
     if args.preference_id is not None:
         if args.preference is None:
             raise UsageError("--preference_id needs --preference (the user's embedding, or a bank folder)")
@@ -627,8 +633,6 @@ def _generate(argv: list[str]) -> int:
             model.preferences.load(args.preference)
         else:
             model.load_preference(args.preference, preference_id=args.preference_id)
-    device = _device(args.use_cpu)
-    model.to(device)
     for prompt in args.prompt:
         ids = torch.tensor([tokenize_prompt(tokenizer, [{"role": "user", "content": prompt}])], device=device)
         out = model.generate(
