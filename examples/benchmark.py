@@ -84,6 +84,7 @@ from hf_prefalign.data.latent_cache import normalize_preference_dataset
 from hf_prefalign.data.pairs import preference_pairs_from_pool
 from hf_prefalign.data.prompts import is_conversational, tokenize_prompt
 from hf_prefalign.scorers import get_scorer
+from hf_prefalign.testing import make_tiny_base, make_word_level_tokenizer
 from hf_prefalign.utils.constants import EMBEDDED_DEFAULT_BASE
 
 
@@ -605,8 +606,8 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, list[flo
 # ----------------------------------------------------------------------
 # Quick mode: a tiny random Llama and a word-level English tokenizer, built in code
 # ----------------------------------------------------------------------
-# Kept local to the benchmark (tests/conftest.py has the tiny builders of the unit tests, over a w5...w95 vocabulary):
-# the simulated users need real words, so that VADER and word counts give different scores to different responses.
+# The builders are hf_prefalign.testing's; the vocabulary is the benchmark's own (the unit tests' is w5...w95): the
+# simulated users need real words, so that VADER and word counts give different scores to different responses.
 QUICK_WORDS = (
     "good great love happy nice wonderful best fun excellent glad bad awful hate sad terrible poor worst angry ugly "
     "boring the a cat dog park rain day food city river book music tea walk house car tree sun"
@@ -614,51 +615,16 @@ QUICK_WORDS = (
 QUICK_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "user", "assistant"]
 # Skipped when decoding, so the word count of a response varies although an untrained model rarely samples EOS.
 QUICK_FILLERS = [f"<f{i}>" for i in range(10)]
-QUICK_CHAT_TEMPLATE = (
-    "{% for message in messages %}<bos> {{ message['role'] }} {{ message['content'] }} <eos> {% endfor %}"
-    "{% if add_generation_prompt %}<bos> assistant {% endif %}"
-)
 
 
 def make_quick_tokenizer() -> Tokenizer:
-    from tokenizers import Tokenizer as BackendTokenizer
-    from tokenizers import pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {word: i for i, word in enumerate(QUICK_SPECIALS + QUICK_FILLERS + QUICK_WORDS)}
-    backend = BackendTokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        extra_special_tokens=QUICK_FILLERS,
-    )
-    tokenizer.chat_template = QUICK_CHAT_TEMPLATE
-    return tokenizer
+    vocab = QUICK_SPECIALS + QUICK_FILLERS + QUICK_WORDS
+    return make_word_level_tokenizer(vocab, unk_token="<unk>", extra_special_tokens=QUICK_FILLERS)
 
 
 def make_quick_base(vocab_size: int, seed: int = 0) -> PreTrainedModel:
     """A 3-layer Llama (SmolLM2's family) with GQA, hidden size 32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return make_tiny_base("llama", seed, vocab_size=vocab_size, pad_token_id=0)
 
 
 def make_quick_prompts(num: int, seed: int) -> Dataset:

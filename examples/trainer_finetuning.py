@@ -32,8 +32,6 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainerCallback,
@@ -47,6 +45,7 @@ from hf_prefalign import (
     load_bundled_prompts,
     load_default_base,
 )
+from hf_prefalign.testing import make_tiny_base, make_word_level_tokenizer
 
 
 # ----------------------------------------------------------------------
@@ -82,10 +81,6 @@ class StopAtStep(TrainerCallback):
 # ----------------------------------------------------------------------
 def tiny_base(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A 2-layer Llama over a word-level tokenizer of the bundled prompts' words (with a chat template)."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
     words = sorted(
         {
             word
@@ -94,31 +89,10 @@ def tiny_base(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             for word in message["content"].lower().replace("?", " ? ").replace(".", " . ").replace(",", " , ").split()
         }
     )
-    vocab = {token: i for i, token in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "user", "assistant", *words])}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = (
-        "{% for message in messages %}<bos> {{ message['role'] }} {{ message['content'] }} <eos> {% endfor %}"
-        "{% if add_generation_prompt %}<bos> assistant {% endif %}"
-    )
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(vocab),
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
+    vocab = ["<pad>", "<bos>", "<eos>", "<unk>", "user", "assistant", *words]
+    tokenizer = make_word_level_tokenizer(vocab, lowercase=True, split_punctuation=True, unk_token="<unk>")
+    base = make_tiny_base("llama", seed, vocab_size=len(vocab), num_hidden_layers=2, pad_token_id=0)
+    return base, tokenizer
 
 
 def load_base(tiny: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

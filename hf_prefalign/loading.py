@@ -83,6 +83,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 def load_default_base(
     dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the embedded default base model, SmolLM2-135M-Instruct, offline.
 
@@ -93,6 +94,8 @@ def load_default_base(
     Args:
         dtype (`torch.dtype` or `str`, *optional*, defaults to `torch.float32`): dtype of the returned model;
             `"auto"` is bf16 where the CPU/GPU computes it natively, else fp32 (see `utils/precision.py`).
+        device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): where the model will run, which decides
+            whether bf16 is native; the model is returned on the CPU all the same.
 
     Returns:
         `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model (in eval mode) and its tokenizer. The model's
@@ -106,7 +109,7 @@ def load_default_base(
         _convert_gguf(gguf, target)
         logger.info(f"Converted the embedded default model in {time.perf_counter() - start:.1f}s.")
     tokenizer = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=resolve_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=resolve_dtype(dtype, device))
     model.name_or_path = EMBEDDED_DEFAULT_BASE
     model.config._name_or_path = EMBEDDED_DEFAULT_BASE
     tokenizer.name_or_path = EMBEDDED_DEFAULT_BASE
@@ -118,18 +121,20 @@ def load_base_model(
     name_or_path: str,
     revision: str | None = None,
     dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
     **hub_kwargs,
 ) -> PreTrainedModel:
     """Load a base causal LM by Hub id, local path or the embedded default's reference.
 
-    Raises an `OSError` naming what was looked for when the model cannot be found, and a `ValueError` when the
-    checkpoint is not a causal LM.
+    `dtype` is resolved for `device`, where the model will run (bf16 only where it is native there); the model is
+    returned on the CPU. Raises an `OSError` naming what was looked for when the model cannot be found, and a
+    `ValueError` when the checkpoint is not a causal LM.
     """
     if name_or_path == EMBEDDED_DEFAULT_BASE:
-        model, _ = load_default_base(dtype=dtype or torch.float32)
+        model, _ = load_default_base(dtype=dtype or torch.float32, device=device)
         return model
     if dtype != "auto":  # transformers' own "auto" is the checkpoint's dtype
-        dtype = resolve_dtype(dtype)
+        dtype = resolve_dtype(dtype, device)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype, **hub_kwargs)
     except ValueError as err:

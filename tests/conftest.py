@@ -1,27 +1,17 @@
-"""Tiny, randomly initialised base models built in code (no download), one per supported family."""
+"""Fixtures over the tiny models of `hf_prefalign.testing` (built in code, no download), one per supported family."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers.models import WordLevel
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from hf_prefalign import PrefAlignForCausalLM
+from hf_prefalign.testing import TINY_FAMILIES, TINY_VOCAB_SIZE, make_tiny_base, make_tiny_tokenizer
 
 
-VOCAB = 96
+VOCAB = TINY_VOCAB_SIZE
 LATENT_DIM = 8
 
 # Tiny models run fastest on one thread, and a second OpenMP thread spinning on a busy core slows every small op by
@@ -29,45 +19,7 @@ LATENT_DIM = 8
 torch.set_num_threads(1)
 
 
-def make_tiny_base(family: str, seed: int = 0) -> PreTrainedModel:
-    """A 3-layer causal LM of `family` with a 96-token vocabulary; GQA (4 query / 2 KV heads) where it exists."""
-    torch.manual_seed(seed)
-    if family == "gpt2":
-        config = GPT2Config(
-            n_embd=32, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=1, eos_token_id=2
-        )
-        model = GPT2LMHeadModel(config)
-    elif family == "llama":
-        config = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=True,
-        )
-        model = LlamaForCausalLM(config)
-    elif family == "qwen2":
-        config = Qwen2Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        model = Qwen2ForCausalLM(config)
-    else:
-        raise ValueError(family)
-    return model.eval()
-
-
-FAMILIES = ["gpt2", "llama", "qwen2"]
+FAMILIES = list(TINY_FAMILIES)
 
 
 @pytest.fixture(params=FAMILIES)
@@ -104,24 +56,6 @@ def left_padded_batch(lengths: list[int], pad_id: int = 0, seed: int = 1) -> tup
         input_ids[row, width - length :] = torch.randint(3, VOCAB, (length,), generator=generator)
         attention_mask[row, width - length :] = 1
     return input_ids, attention_mask
-
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<bos> {{ message['role'] }} {{ message['content'] }} <eos> {% endfor %}"
-    "{% if add_generation_prompt %}<bos> assistant {% endif %}"
-)
-
-
-def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the tiny vocabulary: <pad>, <bos>, <eos>, user, assistant, w5 ... w95."""
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "user": 3, "assistant": 4, **{f"w{i}": i for i in range(5, VOCAB)}}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 def random_words(generator: torch.Generator, low: int = 3, high: int = 8) -> str:

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, make_tiny_base
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
+from conftest import VOCAB
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 import hf_prefalign
@@ -31,6 +29,7 @@ import hf_prefalign.loading
 import hf_prefalign.modeling.modeling_prefalign
 import hf_prefalign.trainer.clap_trainer
 from hf_prefalign import CLaPConfig, LatentDPOConfig
+from hf_prefalign.testing import make_tiny_base, make_word_level_tokenizer
 from hf_prefalign.utils.constants import EMBEDDED_DEFAULT_BASE
 
 
@@ -52,25 +51,15 @@ _WORDS = (
 ENGLISH_VOCAB = _SPECIALS + _WORDS
 assert len(ENGLISH_VOCAB) <= VOCAB and len(set(ENGLISH_VOCAB)) == len(ENGLISH_VOCAB)
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<bos> {{ message['role'] }} {{ message['content'] }} <eos> {% endfor %}"
-    "{% if add_generation_prompt %}<bos> assistant {% endif %}"
-)
-
 
 def make_english_tokenizer() -> PreTrainedTokenizerFast:
     """A lower-casing word-level tokenizer over `ENGLISH_VOCAB` (unknown words -> <unk>), with a chat template."""
-    backend = Tokenizer(WordLevel({token: i for i, token in enumerate(ENGLISH_VOCAB)}, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return make_word_level_tokenizer(ENGLISH_VOCAB, lowercase=True, split_punctuation=True, unk_token="<unk>")
 
 
-def tiny_default_base(dtype: torch.dtype | str = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def tiny_default_base(
+    dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """What the patched `load_default_base()` returns: the same tiny Llama at every call, named like the default."""
     model = make_tiny_base("llama").to(torch.float32 if dtype == "auto" else dtype)  # stand-ins stay fp32
     model.name_or_path = EMBEDDED_DEFAULT_BASE

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import LATENT_DIM, PAPER_DESIGN, make_tiny_base, make_tiny_pool, make_tiny_tokenizer
+from conftest import LATENT_DIM, PAPER_DESIGN, make_tiny_pool
 from datasets import Dataset
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from hf_prefalign import PrefAlignForCausalLM
 from hf_prefalign.data import DataCollatorForResponseGroups
 from hf_prefalign.modeling.distributions import DiagonalGaussian
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer import CLaPConfig, CLaPTrainer
 from hf_prefalign.trainer.clap_losses import (
     aggregate_posterior_kl,

@@ -8,11 +8,12 @@ import os
 import pytest
 import torch
 import transformers
-from conftest import make_tiny_base, make_tiny_pool, make_tiny_tokenizer, random_words
+from conftest import make_tiny_pool, random_words
 from hub_server import HubServer, hub_server_fixture  # noqa: F401  (provides the `hub_server` fixture)
 
 from hf_prefalign import PrefAlignForCausalLM, PreferenceEmbedding, load_response_pool, save_response_pool
 from hf_prefalign.cli.main import main
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 
 
 # Latent DPO flags that keep a CLI alignment run small and quiet.
@@ -561,11 +562,11 @@ def test_version_flag(capsys):
     assert capsys.readouterr().out.startswith("hf-prefalign ")
 
 
-def test_push_and_pull_have_their_own_help(capsys):
+def test_push_and_pull_have_their_own_help(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_PREFALIGN_CACHE", str(tmp_path))
     pages = {}
     for command in ("push", "pull"):
-        with pytest.raises(SystemExit):
-            main([command, "--help"])
+        assert main([command, "--help"]) == 0
         pages[command] = capsys.readouterr().out
     assert "--private" in pages["push"] and "--private" not in pages["pull"]
     assert "--subfolder" in pages["pull"] and "--subfolder" not in pages["push"]
@@ -654,3 +655,179 @@ def test_align_many_users_in_shards_into_one_sharded_bank(tiny_backbone_dir, tmp
     assert sorted(pid for shard in index["shards"] for pid in shard["ids"]) == ["alice", "bob", "carol", "dave"]
     assert main([*argv, *QUICK_ALIGN, "--num_shards", "2", "--shard_index", "2"]) != 0
     assert "shard_index" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------
+# Device and precision flags (--dtype as TRL's ModelConfig, --use_cpu as TrainingArguments)
+# ----------------------------------------------------------------------
+def _stop_at_loading(monkeypatch, seen: dict):
+    """Replace the CLI's model loaders by ones that record the dtype they were asked for, then stop the command."""
+    import hf_prefalign.cli.main as cli
+
+    def record(reference, dtype="float32", device=None):
+        seen["dtype"] = dtype
+        raise RuntimeError("stopped at loading")
+
+    monkeypatch.setattr(cli, "_load_base", record)
+    monkeypatch.setattr(cli, "_load_backbone", record)
+
+
+@pytest.mark.parametrize("command", ["pool", "clap", "align", "generate"])
+def test_every_model_command_takes_dtype(tmp_path, monkeypatch, capsys, command):
+    examples = tmp_path / "liked.jsonl"
+    examples.write_text(json.dumps({"prompt": "w5", "response": "w6 w7"}) + "\n")
+    pool_dir = tmp_path / "pool"
+    save_response_pool(make_tiny_pool(num_prompts=2, num_responses=2), pool_dir)
+    argv = {
+        "pool": ["--output_dir", str(tmp_path / "out"), "--prompts", str(examples)],
+        "clap": ["--output_dir", str(tmp_path / "out"), "--pool", str(pool_dir)],
+        "align": ["--output_dir", str(tmp_path / "out"), "--backbone", "b", "--from_examples", str(examples)],
+        "generate": ["--backbone", "b", "--prompt", "w5"],
+    }[command]
+    seen = {}
+    _stop_at_loading(monkeypatch, seen)
+    assert main([command, *argv]) == 1
+    assert seen == {"dtype": "float32"}  # TRL's default
+    assert main([command, *argv, "--dtype", "bfloat16"]) == 1
+    assert seen == {"dtype": "bfloat16"}
+    assert "stopped at loading" in capsys.readouterr().err
+    assert main([command, *argv, "--dtype", "float8"]) == 2
+    assert "argument --dtype: invalid choice: 'float8'" in _usage_error(capsys, command)
+    (tmp_path / "settings.yaml").write_text("dtype: half\n")  # argparse checks choices on the command line only
+    assert main([command, *argv, "--config", str(tmp_path / "settings.yaml")]) == 2
+    assert "--dtype must be one of auto, bfloat16, float16, float32, got 'half'" in _usage_error(capsys, command)
+
+
+def test_loaders_honour_dtype(tiny_base_dir, tiny_backbone_dir):
+    from hf_prefalign.cli.main import _load_backbone, _load_base
+
+    base, _ = _load_base(str(tiny_base_dir), "float16")
+    assert base.dtype == torch.float16
+    backbone, _ = _load_backbone(str(tiny_backbone_dir), "float16")
+    assert backbone.base_model.dtype == torch.float16
+    assert {p.dtype for p in backbone.latent_parameters()} == {torch.float32}  # log-densities stay in fp32
+
+
+def test_bf16_is_kept_where_the_model_runs_natively(tiny_base_dir, monkeypatch):
+    import hf_prefalign.utils.precision as precision
+    from hf_prefalign import load_base_model
+    from hf_prefalign.cli.main import _load_base
+
+    # A GPU with bf16 beside a CPU without: bf16 is resolved for the device the model goes to, not for the CPU.
+    monkeypatch.setattr(precision, "bf16_supported", lambda device="cpu": torch.device(device).type == "cuda")
+    assert _load_base(str(tiny_base_dir), "bfloat16")[0].dtype == torch.float32  # emulated on this CPU: fp32
+    base = load_base_model(str(tiny_base_dir), dtype="bfloat16", device="cuda")
+    assert (base.dtype, base.device.type) == (torch.bfloat16, "cpu")  # loaded for the GPU, moved there by the caller
+
+
+def test_device_is_the_accelerator_unless_use_cpu(monkeypatch):
+    from hf_prefalign.cli.main import _device
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    assert _device(use_cpu=False) == torch.device("cuda")
+    assert _device(use_cpu=True) == torch.device("cpu")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert _device(use_cpu=False) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("use_cpu", [False, True])
+def test_pool_and_generate_run_where_use_cpu_says(tiny_base_dir, tiny_backbone_dir, tmp_path, monkeypatch, use_cpu):
+    import hf_prefalign
+    import hf_prefalign.cli.main as cli
+
+    asked, placed = [], []
+
+    def device(use_cpu: bool) -> torch.device:
+        asked.append(use_cpu)
+        return torch.device("cpu")
+
+    def build(model, tokenizer, prompts, config):
+        placed.append((model.device, model.dtype))
+        return make_tiny_pool(num_prompts=1, num_responses=2)
+
+    monkeypatch.setattr(cli, "_device", device)
+    monkeypatch.setattr(hf_prefalign, "build_response_pool", build)
+    flag = ["--use_cpu", "true"] if use_cpu else []
+    pool = ["pool", "--model", str(tiny_base_dir), "--output_dir", str(tmp_path / "pool"), "--num_prompts", "1"]
+    assert main([*pool, "--dtype", "float16", *flag]) == 0
+    assert placed == [(torch.device("cpu"), torch.float16)]
+    generate = ["generate", "--backbone", str(tiny_backbone_dir), "--prompt", "w5 w6", "--max_new_tokens", "2"]
+    assert main([*generate, *flag]) == 0
+    assert asked == [use_cpu, use_cpu]
+
+
+def test_pool_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "base"
+    make_tiny_base("qwen2").save_pretrained(path)
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.pad_token = None
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: tokenizer)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in ("w5 w6", "w7 w8 w9 w10")))
+    argv = ["pool", "--model", str(path), "--prompts", str(prompts), "--output_dir", str(tmp_path / "pool")]
+    with caplog.at_level("WARNING", logger="hf_prefalign.cli.main"):
+        assert main([*argv, "--num_responses", "2", "--max_new_tokens", "3", "--use_cpu", "true"]) == 0
+    assert "no pad token: padding with its EOS token '<eos>'" in caplog.text
+    assert tokenizer.pad_token == "<eos>"
+    assert len(load_response_pool(tmp_path / "pool")) == 2
+
+
+# ----------------------------------------------------------------------
+# Subcommand help pages: cached after the first, then drawn without importing torch
+# ----------------------------------------------------------------------
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_cached_help_pages_are_the_live_ones(monkeypatch, columns):
+    import _hf_prefalign_cli as cli
+    from hf_prefalign.cli.main import make_command_parser
+
+    monkeypatch.setenv("COLUMNS", columns)  # argparse wraps to the terminal's width, when drawing either page
+    for command in cli.COMMANDS:
+        parser = make_command_parser(command)
+        spec = json.loads(json.dumps(cli.parser_spec(parser)))  # through the cache file's format
+        assert cli.parser_from_spec(spec).format_help() == parser.format_help(), command
+
+
+def test_subcommand_help_is_fast_once_cached(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import _hf_prefalign_cli as cli
+
+    monkeypatch.setenv("HF_PREFALIGN_CACHE", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["align", "--help"]) == 0  # the live page, which caches every command's
+    live = capsys.readouterr().out
+    assert "--dtype" in live and "--learning_rate" in live
+    assert cli.help_cache_path().is_file()
+    probe = (
+        "import sys, _hf_prefalign_cli as cli\n"
+        "for command in ('align', 'push'):\n"
+        "    assert cli.main([command, '--help']) == 0\n"
+        "heavy = sorted(m for m in ('hf_prefalign', 'torch', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    start = time.perf_counter()
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    seconds = time.perf_counter() - start
+    assert out.startswith(live) and "usage: hf-prefalign push" in out
+    assert "HEAVY []" in out, out
+    assert seconds < 5, f"{seconds:.1f}s"  # ~0.2 s on an idle machine; loose for loaded CI
+
+
+def test_an_unreadable_help_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
+    import _hf_prefalign_cli as cli
+
+    monkeypatch.setenv("HF_PREFALIGN_CACHE", str(tmp_path))
+    path = cli.help_cache_path()
+    path.write_text("{not json")
+    (tmp_path / "cli_help-0123.json").write_text("{}")  # an older installation's
+    assert main(["generate", "--help"]) == 0
+    assert "--use_cpu" in capsys.readouterr().out
+    assert json.loads(path.read_text())["generate"]["prog"] == "hf-prefalign generate"  # rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LATENT_DIM, VOCAB, make_tiny_base
+from conftest import LATENT_DIM, VOCAB
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import (
@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from hf_prefalign import PrefAlignConfig, PrefAlignForCausalLM
+from hf_prefalign.testing import make_tiny_base
 
 
 def _word_tokenizer(size: int, eos: str = "<eos>") -> PreTrainedTokenizerFast:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LATENT_DIM, make_tiny_base, make_tiny_tokenizer
+from conftest import LATENT_DIM
 from transformers import AutoModelForCausalLM, pipeline
 
 import hf_prefalign.loading as loading
 from hf_prefalign import PrefAlignForCausalLM
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.utils.constants import EMBEDDED_DEFAULT_BASE
 
 
@@ -78,7 +79,7 @@ def test_dtype_auto_for_the_embedded_default_is_the_documented_precision(
 ):
     asked = []
 
-    def fake_default_base(dtype=torch.float32):
+    def fake_default_base(dtype=torch.float32, device="cpu"):
         asked.append(dtype)
         model = make_tiny_base("llama")
         model.name_or_path = model.config._name_or_path = EMBEDDED_DEFAULT_BASE

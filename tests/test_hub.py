@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import LATENT_DIM, make_tiny_base, make_tiny_pool, make_tiny_tokenizer, random_words
+from conftest import LATENT_DIM, make_tiny_pool, random_words
 from datasets import Dataset
 from hub_server import HubServer, hub_server_fixture  # noqa: F401  (provides the `hub_server` fixture)
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, hf_hub_download
@@ -32,6 +32,7 @@ from hf_prefalign import (
 )
 from hf_prefalign.hub import backbone_card, preference_card
 from hf_prefalign.hub.model_card import hub_id_or_none
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.utils.constants import EMBEDDED_DEFAULT_BASE, EMBEDDED_DEFAULT_BASE_HUB_ID
 
 

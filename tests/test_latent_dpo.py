@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import LATENT_DIM, make_tiny_base, make_tiny_tokenizer, random_words
+from conftest import LATENT_DIM, random_words
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import TrainingArguments, pipeline
@@ -24,6 +24,7 @@ from hf_prefalign import (
 from hf_prefalign.data.latent_cache import PAIR_COLUMNS, normalize_preference_dataset
 from hf_prefalign.data.prompts import render_prompt
 from hf_prefalign.modeling.distributions import DiagonalGaussian
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer.latent_dpo_loss import latent_dpo_loss
 
 

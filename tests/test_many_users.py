@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LATENT_DIM, make_tiny_base, make_tiny_pool, make_tiny_tokenizer, random_words
+from conftest import LATENT_DIM, make_tiny_pool, random_words
 from datasets import Dataset
 from transformers import get_scheduler
 
@@ -36,6 +36,7 @@ from hf_prefalign import (
 )
 from hf_prefalign.modeling.distributions import DiagonalGaussian
 from hf_prefalign.personalisation import pairs_mean_difference, set_constant_prior
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer.latent_dpo_loss import latent_dpo_loss
 from hf_prefalign.trainer.many_users import user_seed
 from hf_prefalign.utils.sharding import shard_of

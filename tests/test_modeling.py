@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from conftest import LATENT_DIM, VOCAB, left_padded_batch, make_tiny_base
+from conftest import LATENT_DIM, VOCAB, left_padded_batch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_prefalign import PrefAlignConfig, PrefAlignForCausalLM
+from hf_prefalign.testing import make_tiny_base
 
 
 def test_untrained_encoder_returns_standard_normal(backbone):

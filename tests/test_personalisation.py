@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 import transformers
-from conftest import LATENT_DIM, make_tiny_base, make_tiny_tokenizer, random_words
+from conftest import LATENT_DIM, random_words
 from datasets import Dataset
 from transformers import pipeline
 
 from hf_prefalign import LatentCache, PrefAlignForCausalLM, PreferenceEmbedding, PreferenceEmbeddingConfig
 from hf_prefalign.cli.main import main
 from hf_prefalign.data.prompts import render_prompt, tokenize_prompt, tokenize_response
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 
 
 PROMPTS = ["w5 w6 w7 w8 w9", "w10 w11", "w12 w13 w14"]

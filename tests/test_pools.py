@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import LATENT_DIM, make_tiny_base, make_tiny_pool, make_tiny_tokenizer
+from conftest import LATENT_DIM, make_tiny_pool
 from datasets import Dataset
 
 from hf_prefalign import PrefAlignForCausalLM
@@ -14,6 +14,7 @@ from hf_prefalign.data import (
     load_response_pool,
     save_response_pool,
 )
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 
 
 # Short responses keep sampling fast; batch_size=2 over 3 prompts also covers a last, smaller batch.

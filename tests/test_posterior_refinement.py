@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import LATENT_DIM, make_tiny_base, make_tiny_pool, make_tiny_tokenizer
+from conftest import LATENT_DIM, make_tiny_pool
 
 from hf_prefalign import PrefAlignConfig, PrefAlignForCausalLM
 from hf_prefalign.modeling.likelihood import sequence_log_likelihood
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer import CLaPConfig, CLaPTrainer
 
 

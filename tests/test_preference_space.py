@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import LATENT_DIM, VOCAB, make_tiny_base, make_tiny_pool, make_tiny_tokenizer
+from conftest import LATENT_DIM, VOCAB, make_tiny_pool
 from transformers.utils import logging as hf_logging
 
 from hf_prefalign import CLaPConfig, CLaPTrainer, LatentDPOConfig, LatentDPOTrainer, PrefAlignForCausalLM
@@ -18,6 +18,7 @@ from hf_prefalign.data.prompts import tokenize_prompt
 from hf_prefalign.modeling.hidden_state_encoder import read_hidden_states
 from hf_prefalign.scorers import get_scorer
 from hf_prefalign.scorers.style import exclamation_share, list_share, question_share
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer.clap_init import init_latent_space_from_pool, pool_features
 from hf_prefalign.utils import precision
 

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import LATENT_DIM, left_padded_batch, make_tiny_base
+from conftest import LATENT_DIM, left_padded_batch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hf_prefalign import PrefAlignForCausalLM
+from hf_prefalign.testing import make_tiny_base
 
 
 def _train_latent_modules(model: PrefAlignForCausalLM) -> None:

@@ -2,14 +2,16 @@
 
 Each subcommand parses its dataclasses with `trl.TrlParser` (a `transformers.HfArgumentParser`), so every config
 field is a flag, and `--config file.yaml` sets defaults that flags override, its `env:` mapping sets environment
-variables (unknown keys are refused). Heavy modules are imported only
-by the subcommand that runs; `hf-prefalign --help` and `--version` never import this package at all. User mistakes print one line and a hint (exit 2 for
-usage errors, 1 for failures); tracebacks are for bugs.
+variables (unknown keys are refused). Heavy modules are imported only by the subcommand that runs;
+`hf-prefalign --help` and `--version` never import this package, nor does `hf-prefalign <command> --help` once its
+page is cached (see `_hf_prefalign_cli`, which builds it here with `make_command_parser`). User mistakes print one
+line and a hint (exit 2 for usage errors, 1 for failures); tracebacks are for bugs.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import re
@@ -20,6 +22,8 @@ from pathlib import Path
 
 from _hf_prefalign_cli import COMMANDS, main, make_parser
 
+
+logger = logging.getLogger(__name__)
 
 _REPORTED_PACKAGES = (
     "hf-prefalign",
@@ -40,6 +44,43 @@ class UsageError(Exception):
 
 
 # ----------------------------------------------------------------------
+# Device and precision flags, shared by the commands that load a model
+# ----------------------------------------------------------------------
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _dtype_field(what: str):
+    """`--dtype`, as in TRL's `ModelConfig` (same name, choices and float32 default)."""
+    latent = "; the latent modules stay in float32" if "base" in what else ""
+    return field(
+        default="float32",
+        metadata={
+            "help": f"dtype {what} is loaded in (TRL's --dtype). 'auto': the checkpoint's own dtype (for the "
+            "embedded model: bf16 where the hardware computes it natively). bf16 without native support falls "
+            f"back to float32 with a warning{latent}.",
+            "choices": list(DTYPES),
+        },
+    )
+
+
+def _use_cpu_field():
+    """`--use_cpu`, as in `TrainingArguments` (what `clap` and `align` get from their trainer's config)."""
+    return field(
+        default=False,
+        metadata={
+            "help": "Run on the CPU even when an accelerator (CUDA, MPS, XPU) is available; by default the current "
+            "accelerator is used, as `clap` and `align` do (TrainingArguments' --use_cpu)."
+        },
+    )
+
+
+def _check_dtype(dtype: str) -> None:
+    # argparse checks `choices` on the command line only: a value from a --config file arrives here unchecked.
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+# ----------------------------------------------------------------------
 # Argument dataclasses of the scripts (the trainers' configs are used as they are)
 # ----------------------------------------------------------------------
 @dataclass
@@ -57,6 +98,11 @@ class PoolArguments:
         },
     )
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    dtype: str = _dtype_field("the model")
+    use_cpu: bool = _use_cpu_field()
+
+    def __post_init__(self):
+        _check_dtype(self.dtype)
 
 
 @dataclass
@@ -79,6 +125,7 @@ class ClapArguments:
         metadata={"help": "Gradient steps on the posterior mean when the trained backbone encodes (PrefAlignConfig)."},
     )
     posterior_refinement_step_size: float = field(default=3.0, metadata={"help": "Length of each refinement step."})
+    dtype: str = _dtype_field("the frozen base")
     # The backbone's architecture (PrefAlignConfig's fields); unset keeps the config's default, the default recipe.
     latent_dim: int | None = field(
         default=None, metadata={"help": "Size of the latent z; unset: PrefAlignConfig's 32."}
@@ -118,6 +165,7 @@ class ClapArguments:
     )
 
     def __post_init__(self):
+        _check_dtype(self.dtype)
         _check_architecture(self.architecture())  # what needs no base model, before anything loads
 
     def architecture(self) -> dict:
@@ -173,6 +221,10 @@ class AlignArguments:
         },
     )
     shard_index: int | None = field(default=None, metadata={"help": "This process's shard (with --num_shards)."})
+    dtype: str = _dtype_field("the backbone's base")
+
+    def __post_init__(self):
+        _check_dtype(self.dtype)
 
 
 @dataclass
@@ -189,6 +241,11 @@ class GenerateArguments:
     top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling threshold (with --do_sample)."})
     num_return_sequences: int = field(default=1, metadata={"help": "Responses per prompt."})
     seed: int | None = field(default=None, metadata={"help": "Random seed (transformers' set_seed), for sampling."})
+    dtype: str = _dtype_field("the backbone's base")
+    use_cpu: bool = _use_cpu_field()
+
+    def __post_init__(self):
+        _check_dtype(self.dtype)
 
 
 @dataclass
@@ -212,12 +269,41 @@ class PullArguments:
 # ----------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------
+def _arguments(command: str) -> tuple[type, ...]:
+    """The dataclasses whose fields are `command`'s flags (the trainers' configs import torch: only when asked)."""
+    if command == "quickstart":
+        from hf_prefalign.quickstart import QuickstartConfig
+
+        return (QuickstartConfig,)
+    if command == "pool":
+        from hf_prefalign import ResponsePoolConfig
+
+        return (PoolArguments, ResponsePoolConfig)
+    if command == "clap":
+        from hf_prefalign import CLaPConfig
+
+        return (ClapArguments, CLaPConfig)
+    if command == "align":
+        from hf_prefalign import LatentDPOConfig
+
+        return (AlignArguments, LatentDPOConfig)
+    return {"generate": (GenerateArguments,), "push": (PushArguments,), "pull": (PullArguments,)}[command]
+
+
+def make_command_parser(command: str, dataclass_types: tuple | None = None) -> argparse.ArgumentParser:
+    """The parser of one subcommand: its help page, and (except `env`) a `PrefAlignParser` over its dataclasses."""
+    if command == "env":
+        return argparse.ArgumentParser(prog="hf-prefalign env", description=COMMANDS["env"])
+    from hf_prefalign.cli.parser import PrefAlignParser  # imports trl: only once a subcommand parses
+
+    dataclass_types = _arguments(command) if dataclass_types is None else dataclass_types
+    return PrefAlignParser(dataclass_types, prog=f"hf-prefalign {command}", description=COMMANDS[command])
+
+
 def _parse(command: str, dataclass_types: tuple, argv: list[str]) -> tuple:
     """Parse `argv` into `dataclass_types` with `trl.TrlParser` (`--config file.yaml` sets defaults that flags
     override; see `hf_prefalign.cli.parser`); mistakes raise `UsageError`."""
-    from hf_prefalign.cli.parser import PrefAlignParser  # imports trl: only once a subcommand parses
-
-    parser = PrefAlignParser(dataclass_types, prog=f"hf-prefalign {command}", description=COMMANDS[command])
+    parser = make_command_parser(command, dataclass_types)
     parsed = parser.parse_args_and_config(argv)
     # The `--config` flag itself comes back as an extra namespace after the dataclasses: drop it.
     return tuple(parsed[: len(dataclass_types)])
@@ -252,13 +338,34 @@ def _resume(config) -> None:
     config.resume_from_checkpoint = resolve_resume(value, config.output_dir) if value else None
 
 
-def _load_backbone(path: str):
+def _device(use_cpu: bool):
+    """Where `pool`, `generate` and `align --from_examples` run: the current accelerator unless `--use_cpu`, the
+    device the Trainer of `clap` / `align` picks."""
+    import torch
+
+    if not use_cpu and torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator()
+    return torch.device("cpu")
+
+
+def _ensure_pad_token(tokenizer) -> None:
+    """A tokenizer without a pad token pads with EOS, as TRL's scripts do (batched sampling needs one)."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError("The tokenizer has neither a pad token nor an EOS token to pad with; give it a pad token.")
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.warning(f"The tokenizer has no pad token: padding with its EOS token {tokenizer.eos_token!r}.")
+
+
+def _load_backbone(path: str, dtype: str | None = None, device=None):
+    """The backbone (on `device`, its base in `dtype` as resolved for that device) and its tokenizer."""
     from transformers import AutoTokenizer
 
     from hf_prefalign import PrefAlignForCausalLM
 
     _check_reference(path, "backbone")
-    model = PrefAlignForCausalLM.from_pretrained(path)
+    model = PrefAlignForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError:  # the backbone folder has no tokenizer: use its base model's
@@ -272,14 +379,22 @@ def _load_backbone(path: str):
     return model, tokenizer
 
 
-def _load_base(name: str):
+def _load_base(name: str, dtype: str = "float32", device=None):
+    """The base model on `device` (on the CPU for `None`), in `dtype` as resolved for that device, and its tokenizer
+    (padding with EOS if it has no pad token)."""
     from transformers import AutoTokenizer
 
     from hf_prefalign import load_base_model, load_default_base
 
+    target = device or "cpu"
     if name == "embedded":
-        return load_default_base()
-    return load_base_model(name), AutoTokenizer.from_pretrained(name)
+        model, tokenizer = load_default_base(dtype=dtype, device=target)
+    else:
+        model, tokenizer = load_base_model(name, dtype=dtype, device=target), AutoTokenizer.from_pretrained(name)
+    if device is not None:
+        model.to(device)
+    _ensure_pad_token(tokenizer)
+    return model, tokenizer
 
 
 def _check_json(path: Path) -> None:
@@ -325,7 +440,7 @@ def _load_dataset(source: str, split: str = "train"):
 # Commands
 # ----------------------------------------------------------------------
 def _env(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="hf-prefalign env", description=COMMANDS["env"]).parse_args(argv)
+    make_command_parser("env").parse_args(argv)
     print(f"- Python: {platform.python_version()} ({platform.platform()})")
     for package in _REPORTED_PACKAGES:
         try:
@@ -344,21 +459,21 @@ def _env(argv: list[str]) -> int:
 
 
 def _quickstart(argv: list[str]) -> int:
-    from hf_prefalign.quickstart import QuickstartConfig, run_quickstart
+    from hf_prefalign.quickstart import run_quickstart
 
-    (config,) = _parse("quickstart", (QuickstartConfig,), argv)
+    (config,) = _parse("quickstart", _arguments("quickstart"), argv)
     run_quickstart(config)
     return 0
 
 
 def _pool(argv: list[str]) -> int:
-    from hf_prefalign import ResponsePoolConfig, build_response_pool, load_bundled_prompts, save_response_pool
+    from hf_prefalign import build_response_pool, load_bundled_prompts, save_response_pool
 
-    args, config = _parse("pool", (PoolArguments, ResponsePoolConfig), argv)
+    args, config = _parse("pool", _arguments("pool"), argv)
     prompts = load_bundled_prompts() if args.prompts == "bundled" else _load_dataset(args.prompts)
     if args.num_prompts:
         prompts = prompts.select(range(min(args.num_prompts, len(prompts))))
-    model, tokenizer = _load_base(args.model)
+    model, tokenizer = _load_base(args.model, args.dtype, _device(args.use_cpu))
     pool = build_response_pool(model, tokenizer, prompts, config)
     save_response_pool(pool, args.output_dir)
     print(f"saved a pool of {len(pool)} prompts x {config.num_responses} responses to {args.output_dir}")
@@ -368,16 +483,17 @@ def _pool(argv: list[str]) -> int:
 def _clap(argv: list[str]) -> int:
     import copy
 
-    from hf_prefalign import CLaPConfig, CLaPTrainer, PrefAlignForCausalLM, load_response_pool
+    from hf_prefalign import CLaPTrainer, PrefAlignForCausalLM, load_response_pool
 
-    args, config = _parse("clap", (ClapArguments, CLaPConfig), argv)
+    args, config = _parse("clap", _arguments("clap"), argv)
     _resume(config)
     pool = load_response_pool(args.pool)
     eval_pool = None
     if args.eval_fraction > 0:
         split = pool.train_test_split(test_size=args.eval_fraction, seed=config.seed)
         pool, eval_pool = split["train"], split["test"]
-    base, tokenizer = _load_base(args.model)
+    # The Trainer moves the model to its device; bf16 is resolved for that device here.
+    base, tokenizer = _load_base(args.model, args.dtype, _device(config.use_cpu))
     architecture = args.architecture()
     _check_architecture(architecture, text_config=copy.deepcopy(base.config))  # layer indices vs the base's depth
     model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer, **architecture)
@@ -402,11 +518,11 @@ def _clap(argv: list[str]) -> int:
 
 
 def _align(argv: list[str]) -> int:
-    from hf_prefalign import LatentDPOConfig, LatentDPOTrainer, load_response_pool
+    from hf_prefalign import LatentDPOTrainer, load_response_pool
     from hf_prefalign.data.pairs import preference_pairs_from_pool
     from hf_prefalign.scorers import get_scorer
 
-    args, config = _parse("align", (AlignArguments, LatentDPOConfig), argv)
+    args, config = _parse("align", _arguments("align"), argv)
     resume_requested = bool(config.resume_from_checkpoint)
     _resume(config)
     sources = [args.dataset, args.scorer, args.from_examples]
@@ -426,7 +542,7 @@ def _align(argv: list[str]) -> int:
         if resume_requested:
             raise UsageError("--resume_from_checkpoint does not apply to many users (no checkpoints are written)")
         return _align_users(args, config, dataset)
-    model, tokenizer = _load_backbone(args.backbone)
+    model, tokenizer = _load_backbone(args.backbone, args.dtype, _device(config.use_cpu))
     trainer = LatentDPOTrainer(model, config, train_dataset=dataset, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_preference(config.output_dir)
@@ -469,7 +585,7 @@ def _align_users(args: AlignArguments, config, dataset) -> int:
     if output.is_dir() and any(output.iterdir()) and not (output / "bank.json").is_file():
         raise FileExistsError(f"{output} holds something other than a preference bank; choose another --output_dir.")
     total = len(dataset) if isinstance(dataset, dict) else len(dataset.unique("user_id"))
-    model, tokenizer = _load_backbone(args.backbone)
+    model, tokenizer = _load_backbone(args.backbone, args.dtype, _device(config.use_cpu))
     if args.num_shards is not None or args.shard_index is not None or "WORLD_SIZE" in os.environ:
         bank = align_users(
             model,
@@ -504,7 +620,7 @@ def _align_from_examples(args: AlignArguments, config) -> int:
         raise ValueError(f"{source} holds no examples: give at least one prompt/response row the user liked.")
     examples = _load_dataset(args.from_examples, args.dataset_split)
     read_examples(examples)  # a bad file is reported before the backbone loads
-    model, tokenizer = _load_backbone(args.backbone)
+    model, tokenizer = _load_backbone(args.backbone, args.dtype, _device(config.use_cpu))
     embedding = PreferenceEmbedding.from_examples(model, tokenizer, examples, rank=config.prior_rank)
     embedding.save_pretrained(config.output_dir)
     record = embedding.config.training
@@ -520,7 +636,7 @@ def _generate(argv: list[str]) -> int:
 
     from hf_prefalign.data.prompts import tokenize_prompt
 
-    (args,) = _parse("generate", (GenerateArguments,), argv)
+    (args,) = _parse("generate", _arguments("generate"), argv)
     if not args.prompt:
         raise UsageError("give at least one --prompt")
     sampling = {name: getattr(args, name) for name in ("temperature", "top_p") if getattr(args, name) is not None}
@@ -532,7 +648,8 @@ def _generate(argv: list[str]) -> int:
         from transformers import set_seed
 
         set_seed(args.seed)
-    model, tokenizer = _load_backbone(args.backbone)
+    device = _device(args.use_cpu)
+    model, tokenizer = _load_backbone(args.backbone, args.dtype, device)
     if args.preference_id is not None:
         if args.preference is None:
             raise UsageError("--preference_id needs --preference (the user's embedding, or a bank folder)")
@@ -541,7 +658,7 @@ def _generate(argv: list[str]) -> int:
         else:
             model.load_preference(args.preference, preference_id=args.preference_id)
     for prompt in args.prompt:
-        ids = torch.tensor([tokenize_prompt(tokenizer, [{"role": "user", "content": prompt}])])
+        ids = torch.tensor([tokenize_prompt(tokenizer, [{"role": "user", "content": prompt}])], device=device)
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -563,7 +680,7 @@ def _push(argv: list[str]) -> int:
 
     from hf_prefalign.hub.transfer import push_folder
 
-    (args,) = _parse("push", (PushArguments,), argv)
+    (args,) = _parse("push", _arguments("push"), argv)
     source = Path(args.path)
     if not (source / "config.json").is_file() and not (source / "bank.json").is_file():
         raise FileNotFoundError(f"{source} holds no saved backbone, preference embedding or bank (no config.json).")
@@ -602,7 +719,7 @@ def _pull(argv: list[str]) -> int:
     from hf_prefalign.hub.transfer import pull_folder
     from hf_prefalign.utils.paths import validate_relative_path
 
-    (args,) = _parse("pull", (PullArguments,), argv)
+    (args,) = _parse("pull", _arguments("pull"), argv)
     if args.subfolder is not None:
         validate_relative_path(args.subfolder, "--subfolder")  # before anything is downloaded or copied
     folder = pull_folder(args.repo_id, subfolder=args.subfolder, revision=args.revision, token=args.token)
@@ -654,7 +771,7 @@ def run(command: str, argv: list[str]) -> int:
         return 1
 
 
-__all__ = ["COMMANDS", "UsageError", "main", "make_parser", "run"]
+__all__ = ["COMMANDS", "UsageError", "main", "make_command_parser", "make_parser", "run"]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from trl.trainer.utils import pad
 
 
 @dataclass
@@ -21,8 +22,8 @@ class DataCollatorForResponseGroups:
     step; contrastive negatives still come from the same prompt). The subset is a pseudo-random function of `seed`
     and the prompt, so it is the same in every epoch and after resuming.
 
-    Returns `input_ids`, `attention_mask` and `labels` of shape `(N, T)` (right padding; prompt tokens and padding
-    labelled -100) and `group_index` `(N,)`, the position of each sequence's prompt in the batch.
+    Returns `input_ids`, `attention_mask` and `labels` of shape `(N, T)` (right padding with TRL's `pad`; prompt
+    tokens and padding labelled -100) and `group_index` `(N,)`, the position of each sequence's prompt in the batch.
 
     Example:
 
@@ -62,19 +63,13 @@ class DataCollatorForResponseGroups:
                 sequences.append(prompt + list(response))
                 labels.append([self.label_pad_token_id] * len(prompt) + list(response))
                 groups.append(group)
-        width = max(len(seq) for seq in sequences)
-        batch = len(sequences)
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
-        label_ids = torch.full((batch, width), self.label_pad_token_id, dtype=torch.long)
-        for row, (seq, lab) in enumerate(zip(sequences, labels, strict=True)):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            attention_mask[row, : len(seq)] = 1
-            label_ids[row, : len(lab)] = torch.tensor(lab)
+        sequences = [torch.tensor(seq, dtype=torch.long) for seq in sequences]
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": label_ids,
+            "input_ids": pad(sequences, padding_value=self.pad_token_id),
+            "attention_mask": pad([torch.ones_like(seq) for seq in sequences], padding_value=0),
+            "labels": pad(
+                [torch.tensor(lab, dtype=torch.long) for lab in labels], padding_value=self.label_pad_token_id
+            ),
             "group_index": torch.tensor(groups, dtype=torch.long),
         }
 

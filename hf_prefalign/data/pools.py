@@ -27,6 +27,7 @@ from datasets import Dataset, load_from_disk
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
+from trl.trainer.utils import pad
 
 from ..utils.serialization import atomic_directory, read_consistent, require_directory
 from .prompts import Prompt, context_limit, response_text, tokenize_prompt
@@ -213,13 +214,11 @@ def build_response_pool(
                     if len(ids) > keep:
                         ids, truncated = ids[-keep:], truncated + 1
                     encoded.append(ids)
-            width = max(len(ids) for ids in encoded)
             # Left padding: every row's last prompt token sits at the same column, where generation starts.
-            input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-            for row, ids in enumerate(encoded):
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
+            tensors = [torch.tensor(ids, dtype=torch.long) for ids in encoded]
+            input_ids = pad(tensors, padding_value=tokenizer.pad_token_id, padding_side="left")
+            attention_mask = pad([torch.ones_like(ids) for ids in tensors], padding_value=0, padding_side="left")
+            width = input_ids.shape[1]
             torch.manual_seed(config.seed + batch_index)
             output = model.generate(
                 input_ids=input_ids.to(device),

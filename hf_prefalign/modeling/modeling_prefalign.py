@@ -1090,7 +1090,8 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         if base_model is None:
             if config.base_included:
                 base_model = AutoModelForCausalLM.from_pretrained(
-                    directory / BASE_MODEL_SUBFOLDER, dtype=dtype if dtype == "auto" else resolve_dtype(dtype)
+                    directory / BASE_MODEL_SUBFOLDER,
+                    dtype=dtype if dtype == "auto" else resolve_dtype(dtype, device or "cpu"),
                 )
             elif config.base_model_name_or_path is None:
                 raise OSError(
@@ -1103,6 +1104,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                         config.base_model_name_or_path,
                         revision=config.base_model_revision,
                         dtype=dtype,
+                        device=device or "cpu",  # bf16 is kept where it is native on the device it goes to
                         token=token,
                         cache_dir=cache_dir,
                         force_download=force_download,
@@ -1115,7 +1117,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                     ) from err
         elif dtype not in (None, "auto"):
             # A base passed in is cast to `dtype`; the loaders above already loaded it so.
-            base_model.to(resolve_dtype(dtype))
+            base_model.to(resolve_dtype(dtype, device or "cpu"))
         _check_base_matches(config.text_config, base_model.config, where=f"loaded for {directory}")
         config.text_config = base_model.config
         model = cls(config, base_model=base_model)
