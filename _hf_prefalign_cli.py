@@ -66,7 +66,7 @@ _KEYED_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datase
 
 
 def _cache_dir() -> Path:
-    # as `hf_prefalign.loading.default_cache_dir`, which cannot be imported here
+    # as `hf_prefalign.integrations.embedded.default_cache_dir`, which cannot be imported here
     if env := os.environ.get("HF_PREFALIGN_CACHE"):
         return Path(env).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "hf_prefalign"

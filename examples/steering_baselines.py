@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from trl.trainer.utils import pad
 
 from hf_prefalign.data.prompts import tokenize_prompt, tokenize_response
-from hf_prefalign.modeling.hidden_state_encoder import masked_mean, read_hidden_states
+from hf_prefalign.models.prefalign.hidden_state_encoder import masked_mean, read_hidden_states
 
 
 def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

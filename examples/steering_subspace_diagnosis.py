@@ -24,7 +24,7 @@ from preference_space_evidence import USERS, _pad_right, get_pool, split_prompts
 from hf_prefalign import PrefAlignForCausalLM, load_default_base
 from hf_prefalign.data.pairs import preference_pairs_from_pool
 from hf_prefalign.data.prompts import tokenize_prompt, tokenize_response
-from hf_prefalign.modeling.hidden_state_encoder import masked_mean, read_hidden_states
+from hf_prefalign.models.prefalign.hidden_state_encoder import masked_mean, read_hidden_states
 from hf_prefalign.scorers import get_scorer
 
 

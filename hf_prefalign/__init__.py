@@ -4,13 +4,9 @@ Importing the package registers `PrefAlignConfig` / `PrefAlignForCausalLM` with 
 `AutoModelForCausalLM`, so saved backbones load like any HF model, without `trust_remote_code`.
 """
 
-__version__ = "0.1.0.dev0"
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
-
-from .bank import PreferenceBank  # noqa: E402
-from .configuration_prefalign import PrefAlignConfig  # noqa: E402
-from .data import (  # noqa: E402
+from .data import (
     DataCollatorForResponseGroups,
     ResponsePoolConfig,
     as_response_pool,
@@ -19,19 +15,20 @@ from .data import (  # noqa: E402
     load_response_pool,
     save_response_pool,
 )
-from .data.latent_cache import LatentCache  # noqa: E402
-from .loading import default_cache_dir, load_base_model, load_default_base  # noqa: E402
-from .modeling import (  # noqa: E402
+from .data.latent_cache import LatentCache
+from .distributions import DiagonalGaussian
+from .integrations import default_cache_dir, load_base_model, load_default_base
+from .models import (
     LATENT_MODULES_PATTERN,
-    DiagonalGaussian,
     LatentAdapter,
     LatentEncoder,
+    PrefAlignConfig,
     PrefAlignForCausalLM,
     PrefAlignPreTrainedModel,
     load_default_backbone,
 )
-from .preference import PreferenceEmbedding, PreferenceEmbeddingConfig  # noqa: E402
-from .trainer import (  # noqa: E402
+from .preference import PreferenceBank, PreferenceEmbedding, PreferenceEmbeddingConfig
+from .trainer import (
     CLaPConfig,
     CLaPTrainer,
     LatentDPOConfig,
@@ -41,6 +38,7 @@ from .trainer import (  # noqa: E402
     align_users,
     update_user,
 )
+from .version import __version__
 
 
 AutoConfig.register(PrefAlignConfig.model_type, PrefAlignConfig, exist_ok=True)

@@ -107,8 +107,8 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
     from .data.pairs import preference_pairs_from_pool
     from .data.pools import ResponsePoolConfig, build_response_pool, load_response_pool, save_response_pool
     from .data.prompts import load_bundled_prompts, tokenize_prompt
-    from .loading import load_default_base
-    from .modeling.modeling_prefalign import PrefAlignForCausalLM
+    from .integrations import load_default_base
+    from .models.prefalign.modeling_prefalign import PrefAlignForCausalLM
     from .scorers import get_scorer
     from .trainer import CLaPConfig, CLaPTrainer, LatentDPOConfig, LatentDPOTrainer
 

@@ -25,8 +25,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 import hf_prefalign
 import hf_prefalign.data
 import hf_prefalign.data.pools
-import hf_prefalign.loading
-import hf_prefalign.modeling.modeling_prefalign
+import hf_prefalign.integrations
+import hf_prefalign.integrations.embedded
+import hf_prefalign.models.prefalign.modeling_prefalign
 import hf_prefalign.trainer.clap_trainer
 from hf_prefalign import CLaPConfig, LatentDPOConfig
 from hf_prefalign.testing import make_tiny_base, make_word_level_tokenizer
@@ -98,8 +99,9 @@ def patch_tiny_world(mp: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Apply every stand-in described in the module docstring (undone with `mp`)."""
     for module in (
         hf_prefalign,
-        hf_prefalign.loading,
-        hf_prefalign.modeling.modeling_prefalign,
+        hf_prefalign.integrations,
+        hf_prefalign.integrations.embedded,
+        hf_prefalign.models.prefalign.modeling_prefalign,
         hf_prefalign.trainer.clap_trainer,
     ):
         mp.setattr(module, "load_default_base", tiny_default_base)

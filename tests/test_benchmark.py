@@ -161,7 +161,7 @@ def tiny(benchmark):
 def test_caa_hook_changes_outputs_and_a_zero_vector_leaves_the_base_unchanged(benchmark, tiny):
     import steering_baselines
 
-    from hf_prefalign.modeling.architectures import get_decoder_layout
+    from hf_prefalign.models.prefalign.architectures import get_decoder_layout
 
     base, _, ids = tiny
     layout = get_decoder_layout(base.config.model_type)
@@ -187,7 +187,7 @@ def test_caa_vectors_are_chosen_minus_rejected_and_both_scripts_share_them(bench
     import steering_baselines
     from datasets import Dataset
 
-    from hf_prefalign.modeling.architectures import get_decoder_layout
+    from hf_prefalign.models.prefalign.architectures import get_decoder_layout
 
     base, tokenizer, _ = tiny
     layout = get_decoder_layout(base.config.model_type)

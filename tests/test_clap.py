@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from hf_prefalign import PrefAlignForCausalLM
 from hf_prefalign.data import DataCollatorForResponseGroups
-from hf_prefalign.modeling.distributions import DiagonalGaussian
+from hf_prefalign.distributions import DiagonalGaussian
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer import CLaPConfig, CLaPTrainer
 from hf_prefalign.trainer.clap_losses import (

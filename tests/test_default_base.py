@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from hf_prefalign import PrefAlignForCausalLM, load_default_base
-from hf_prefalign.loading import find_default_gguf
+from hf_prefalign.integrations import find_default_gguf
 from hf_prefalign.utils.constants import EMBEDDED_DEFAULT_BASE
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import LATENT_DIM
 from transformers import AutoModelForCausalLM, pipeline
 
-import hf_prefalign.loading as loading
+import hf_prefalign.integrations.embedded as embedded
 from hf_prefalign import PrefAlignForCausalLM
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.utils.constants import EMBEDDED_DEFAULT_BASE
@@ -85,7 +85,7 @@ def test_dtype_auto_for_the_embedded_default_is_the_documented_precision(
         model.name_or_path = model.config._name_or_path = EMBEDDED_DEFAULT_BASE
         return model, make_tiny_tokenizer()
 
-    monkeypatch.setattr(loading, "load_default_base", fake_default_base)
+    monkeypatch.setattr(embedded, "load_default_base", fake_default_base)
     base, _ = fake_default_base()
     PrefAlignForCausalLM.from_base(base, latent_dim=LATENT_DIM).save_pretrained(tmp_path / "backbone")
     asked.clear()
@@ -108,7 +108,7 @@ def test_device_map_single_device_and_refusals(tmp_path: Path):
 def test_hub_options_are_forwarded_and_unknown_ones_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
-    import hf_prefalign.modeling.modeling_prefalign as modeling
+    import hf_prefalign.models.prefalign.modeling_prefalign as modeling
 
     folder = _saved_backbone(tmp_path)
     seen = {}

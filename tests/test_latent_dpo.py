@@ -23,7 +23,7 @@ from hf_prefalign import (
 )
 from hf_prefalign.data.latent_cache import PAIR_COLUMNS, normalize_preference_dataset
 from hf_prefalign.data.prompts import render_prompt
-from hf_prefalign.modeling.distributions import DiagonalGaussian
+from hf_prefalign.distributions import DiagonalGaussian
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer.latent_dpo_loss import latent_dpo_loss
 

@@ -34,8 +34,8 @@ from hf_prefalign import (
     align_users,
     update_user,
 )
-from hf_prefalign.modeling.distributions import DiagonalGaussian
-from hf_prefalign.personalisation import pairs_mean_difference, set_constant_prior
+from hf_prefalign.distributions import DiagonalGaussian
+from hf_prefalign.preference.personalisation import pairs_mean_difference, set_constant_prior
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer.latent_dpo_loss import latent_dpo_loss
 from hf_prefalign.trainer.many_users import user_seed
@@ -677,8 +677,8 @@ def test_a_pool_encoded_in_shards_by_two_processes_equals_one_process(tmp_path):
 
 
 def test_damaged_or_foreign_caches_and_bad_shard_specs_are_named(tmp_path):
-    from hf_prefalign.bank_shards import writer_lock
     from hf_prefalign.data.latent_cache import CacheShardLockedError
+    from hf_prefalign.preference.bank_shards import writer_lock
 
     model, tokenizer = _backbone(), make_tiny_tokenizer()
     pool = make_tiny_pool(num_prompts=4, num_responses=2)
@@ -788,7 +788,7 @@ def test_two_processes_align_their_shards_into_one_bank(tmp_path, world):
 
 
 def test_fan_out_bad_input_is_named(tmp_path, world, monkeypatch):
-    from hf_prefalign.bank_shards import BankLockedError
+    from hf_prefalign.preference.bank_shards import BankLockedError
     from hf_prefalign.trainer.many_users import _claim_shard
 
     model, _, cache = world

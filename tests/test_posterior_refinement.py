@@ -9,7 +9,7 @@ import torch
 from conftest import LATENT_DIM, make_tiny_pool
 
 from hf_prefalign import PrefAlignConfig, PrefAlignForCausalLM
-from hf_prefalign.modeling.likelihood import sequence_log_likelihood
+from hf_prefalign.models.prefalign.likelihood import sequence_log_likelihood
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer import CLaPConfig, CLaPTrainer
 

@@ -16,9 +16,9 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from hf_prefalign import PreferenceBank, PreferenceEmbedding, PreferenceEmbeddingConfig
-from hf_prefalign.bank import read_bank_index
-from hf_prefalign.bank_shards import BankLockedError
 from hf_prefalign.data.pairs import preference_pairs_from_pool
+from hf_prefalign.preference.bank import read_bank_index
+from hf_prefalign.preference.bank_shards import BankLockedError
 from hf_prefalign.scorers import available_scorers, get_scorer
 from hf_prefalign.utils.serialization import IntegrityError, sha256_file
 
@@ -560,7 +560,7 @@ def test_save_user_into_a_sharded_bank_appends_one_row(tmp_path):
 
 
 def test_sharded_lookup_reads_only_that_users_slice(tmp_path, monkeypatch):
-    from hf_prefalign import bank_shards
+    from hf_prefalign.preference import bank_shards
 
     users, directory = _sharded_bank(tmp_path, users_per_shard=4)
     calls = []
@@ -705,7 +705,7 @@ def test_sharded_index_of_a_newer_format_is_refused(tmp_path):
 
 
 def test_a_second_writer_of_a_sharded_bank_is_refused(tmp_path):
-    from hf_prefalign.bank_shards import writer_lock
+    from hf_prefalign.preference.bank_shards import writer_lock
 
     _, directory = _sharded_bank(tmp_path)
     bank = _bank()
@@ -731,7 +731,7 @@ def test_a_lock_left_by_a_dead_writer_is_taken_over(tmp_path):
 
 
 def test_a_writer_killed_before_its_index_leaves_the_old_bank(tmp_path, monkeypatch):
-    from hf_prefalign import bank as bank_module
+    from hf_prefalign.preference import bank as bank_module
 
     users, directory = _sharded_bank(tmp_path)
     bank = _bank()

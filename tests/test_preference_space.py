@@ -15,7 +15,7 @@ from hf_prefalign import CLaPConfig, CLaPTrainer, LatentDPOConfig, LatentDPOTrai
 from hf_prefalign.data.pairs import preference_pairs_from_pool
 from hf_prefalign.data.pools import build_response_pool, instructed_prompt, load_style_instructions
 from hf_prefalign.data.prompts import tokenize_prompt
-from hf_prefalign.modeling.hidden_state_encoder import read_hidden_states
+from hf_prefalign.models.prefalign.hidden_state_encoder import read_hidden_states
 from hf_prefalign.scorers import get_scorer
 from hf_prefalign.scorers.style import exclamation_share, list_share, question_share
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer

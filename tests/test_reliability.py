@@ -24,11 +24,11 @@ from safetensors.torch import save_file
 from tqdm.std import tqdm as std_tqdm
 
 from hf_prefalign import PrefAlignForCausalLM, PreferenceEmbedding
-from hf_prefalign.bank import PreferenceBank
 from hf_prefalign.cli.main import main as cli_main
 from hf_prefalign.data.latent_cache import LatentCache
 from hf_prefalign.data.pools import load_response_pool, save_response_pool
 from hf_prefalign.preference import PreferenceEmbeddingConfig
+from hf_prefalign.preference.bank import PreferenceBank
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer.checkpoints import last_complete_checkpoint, resolve_resume
 from hf_prefalign.utils.paths import validate_preference_id, validate_relative_path

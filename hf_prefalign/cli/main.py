@@ -448,7 +448,7 @@ def _env(argv: list[str]) -> int:
         except PackageNotFoundError:
             found = "not installed"
         print(f"- {package}: {found}")
-    from hf_prefalign.loading import default_cache_dir, find_default_gguf
+    from hf_prefalign.integrations import default_cache_dir, find_default_gguf
 
     try:
         print(f"- embedded default model: {find_default_gguf()}")
@@ -609,7 +609,7 @@ def _align_users(args: AlignArguments, config, dataset) -> int:
 def _align_from_examples(args: AlignArguments, config) -> int:
     """`align --from_examples FILE`: the embedding from the examples' posteriors, written like a trained one."""
     from hf_prefalign import PreferenceEmbedding
-    from hf_prefalign.personalisation import read_examples
+    from hf_prefalign.preference.personalisation import read_examples
 
     if config.resume_from_checkpoint:
         raise UsageError("--resume_from_checkpoint does not apply to --from_examples (nothing is trained)")

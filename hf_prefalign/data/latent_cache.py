@@ -29,7 +29,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
@@ -38,9 +38,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from ..bank_shards import writer_lock
-from ..modeling.distributions import DiagonalGaussian
-from ..modeling.modeling_prefalign import PrefAlignForCausalLM
+from ..distributions import DiagonalGaussian
+from ..utils.locking import writer_lock
 from ..utils.serialization import (
     INTERNAL_PREFIX,
     IntegrityError,
@@ -60,6 +59,10 @@ from .prompts import (
     tokenize_prompt,
     tokenize_response,
 )
+
+
+if TYPE_CHECKING:
+    from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
 
 
 logger = logging.get_logger(__name__)

@@ -23,8 +23,8 @@ from ..utils.serialization import atomic_path
 
 
 if TYPE_CHECKING:
-    from ..modeling.modeling_prefalign import PrefAlignForCausalLM
-    from ..preference import PreferenceEmbedding
+    from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
+    from ..preference.embedding import PreferenceEmbedding
 
 
 logger = logging.get_logger(__name__)

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 from trl.trainer.utils import pad
 
-from ..modeling.hidden_state_encoder import HiddenStateEncoder, masked_mean, read_hidden_states
-from ..modeling.modeling_prefalign import PrefAlignForCausalLM
-from ..modeling.steering import ResidualLatentAdapter
+from ..models.prefalign.hidden_state_encoder import HiddenStateEncoder, masked_mean, read_hidden_states
+from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
+from ..models.prefalign.steering import ResidualLatentAdapter
 
 
 logger = logging.get_logger(__name__)

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from ..modeling.distributions import DiagonalGaussian
-from ..modeling.likelihood import sequence_log_likelihood
+from ..distributions import DiagonalGaussian
+from ..models.prefalign.likelihood import sequence_log_likelihood
 
 
 def aggregate_posterior_kl(

@@ -19,10 +19,10 @@ from ..data.pools import PROMPT_COLUMN, RESPONSES_COLUMN, as_response_pool
 from ..data.prompts import context_limit, tokenize_prompt
 from ..hub.model_card import add_tags, backbone_card, write_card
 from ..hub.transfer import push_folder
-from ..loading import load_default_base
-from ..modeling.hidden_state_encoder import HiddenStateEncoder
-from ..modeling.likelihood import positions_to_score
-from ..modeling.modeling_prefalign import PrefAlignForCausalLM
+from ..integrations import load_default_base
+from ..models.prefalign.hidden_state_encoder import HiddenStateEncoder
+from ..models.prefalign.likelihood import positions_to_score
+from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
 from ..utils.constants import BASE_MODEL_SUBFOLDER, EMBEDDED_DEFAULT_BASE, README_NAME, WEIGHTS_NAME
 from ..utils.serialization import load_tensors
 from .checkpoints import resolve_resume

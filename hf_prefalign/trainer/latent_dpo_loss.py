@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..modeling.distributions import DiagonalGaussian
+from ..distributions import DiagonalGaussian
 
 
 def _pairwise_differences(values: torch.Tensor) -> torch.Tensor:

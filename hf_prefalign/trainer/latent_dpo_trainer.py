@@ -14,12 +14,12 @@ from transformers.utils import logging
 from trl import DPOTrainer
 
 from ..data.latent_cache import PAIR_COLUMNS, LatentCache
+from ..distributions import DiagonalGaussian
 from ..hub.model_card import add_tags, preference_card, write_card
-from ..loading import default_cache_dir
-from ..modeling.distributions import DiagonalGaussian
-from ..modeling.modeling_prefalign import PrefAlignForCausalLM
-from ..personalisation import pairs_mean_difference, set_constant_prior
-from ..preference import PreferenceEmbedding, PreferenceEmbeddingConfig
+from ..integrations import default_cache_dir
+from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
+from ..preference.embedding import PreferenceEmbedding, PreferenceEmbeddingConfig
+from ..preference.personalisation import pairs_mean_difference, set_constant_prior
 from ..utils.constants import README_NAME, WEIGHTS_NAME
 from ..utils.serialization import load_tensors
 from .checkpoints import resolve_resume

@@ -55,20 +55,20 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..bank import BANK_INDEX, PreferenceBank, read_bank_index
-from ..bank_shards import (
+from ..data.latent_cache import PAIR_COLUMNS, LatentCache, read_preference_pairs
+from ..distributions import DiagonalGaussian
+from ..integrations import default_cache_dir
+from ..preference.bank import BANK_INDEX, PreferenceBank, read_bank_index
+from ..preference.bank_shards import (
     DEFAULT_USERS_PER_SHARD,
     BankLockedError,
     check_shard_files,
     is_sharded_index,
-    lock_is_live,
     writer_lock,
 )
-from ..data.latent_cache import PAIR_COLUMNS, LatentCache, read_preference_pairs
-from ..loading import default_cache_dir
-from ..modeling.distributions import DiagonalGaussian
-from ..personalisation import constant_prior_bias, pairs_mean_difference
-from ..preference import PreferenceEmbedding, PreferenceEmbeddingConfig, prior_from_parameters
+from ..preference.embedding import PreferenceEmbedding, PreferenceEmbeddingConfig, prior_from_parameters
+from ..preference.personalisation import constant_prior_bias, pairs_mean_difference
+from ..utils.locking import lock_is_live
 from ..utils.paths import validate_preference_id
 from ..utils.serialization import resolve_directory
 from ..utils.sharding import resolve_shard_spec, shard_of, shard_tag
@@ -79,7 +79,7 @@ from .latent_dpo_loss import latent_dpo_loss
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ..modeling.modeling_prefalign import PrefAlignForCausalLM
+    from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
 
 
 logger = logging.get_logger(__name__)
@@ -817,7 +817,7 @@ def align_users(
     >>> bank.save("users")
     ```
     """
-    from ..modeling.modeling_prefalign import PrefAlignForCausalLM
+    from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
 
     if not isinstance(model, PrefAlignForCausalLM):
         raise TypeError(f"align_users needs a trained PrefAlignForCausalLM backbone, got {type(model).__name__}.")

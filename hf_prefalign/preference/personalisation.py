@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.utils import logging
 
-from .data.prompts import is_conversational, response_text
-from .modeling.distributions import DiagonalGaussian
-from .preference import PreferenceEmbedding, PreferenceEmbeddingConfig
+from ..data.prompts import is_conversational, response_text
+from ..distributions import DiagonalGaussian
+from .embedding import PreferenceEmbedding, PreferenceEmbeddingConfig
 
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from .data.latent_cache import LatentCache
-    from .modeling.modeling_prefalign import PrefAlignForCausalLM
+    from ..data.latent_cache import LatentCache
+    from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
 
 
 logger = logging.get_logger(__name__)
@@ -233,8 +233,8 @@ def embedding_from_examples(
     latent_cache: LatentCache | None = None,
 ) -> PreferenceEmbedding:
     """See [`PreferenceEmbedding.from_examples`]."""
-    from .data.latent_cache import LatentCache
-    from .modeling.modeling_prefalign import PrefAlignForCausalLM
+    from ..data.latent_cache import LatentCache
+    from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
 
     start = time.perf_counter()
     if not isinstance(model, PrefAlignForCausalLM):

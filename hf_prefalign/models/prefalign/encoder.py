@@ -9,8 +9,8 @@ from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
-from ..configuration_prefalign import PrefAlignConfig
-from .distributions import DiagonalGaussian
+from ...distributions import DiagonalGaussian
+from .configuration_prefalign import PrefAlignConfig
 from .hidden_state_encoder import batch_mean
 
 

@@ -1,8 +1,12 @@
-"""The backbone: latent encoder -> latents -> latent adapter -> prefix in the base LM."""
+"""The PrefAlign model, laid out like a transformers model folder.
 
+The backbone: latent encoder -> latents -> latent adapter -> prefix (or steering directions) in the base LM.
+"""
+
+from ...distributions import DiagonalGaussian
 from .adapter import LatentAdapter
 from .architectures import DECODER_LAYOUTS, DecoderLayout, get_decoder_layout
-from .distributions import DiagonalGaussian
+from .configuration_prefalign import PrefAlignConfig
 from .encoder import LatentEncoder
 from .modeling_prefalign import (
     LATENT_MODULES_PATTERN,
@@ -19,6 +23,7 @@ __all__ = [
     "DiagonalGaussian",
     "LatentAdapter",
     "LatentEncoder",
+    "PrefAlignConfig",
     "PrefAlignForCausalLM",
     "PrefAlignPreTrainedModel",
     "get_decoder_layout",

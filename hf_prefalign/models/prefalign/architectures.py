@@ -87,7 +87,7 @@ def get_decoder_layout(model_type: str) -> DecoderLayout:
         supported = ", ".join(sorted(DECODER_LAYOUTS))
         raise ValueError(
             f"hf_prefalign does not know where a {model_type!r} model keeps its attention layers. Supported "
-            f"model types: {supported}. Add a `DecoderLayout` for it in hf_prefalign/modeling/architectures.py."
+            f"model types: {supported}. Add a `DecoderLayout` for it in hf_prefalign/models/prefalign/architectures.py."
         ) from None
 
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from ..configuration_prefalign import PrefAlignConfig
 from .architectures import DecoderLayout
+from .configuration_prefalign import PrefAlignConfig
 
 
 class LatentAdapter(nn.Module):

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..configuration_prefalign import PrefAlignConfig
 from .architectures import DecoderLayout
+from .configuration_prefalign import PrefAlignConfig
 
 
 class ResidualLatentAdapter(nn.Module):

@@ -32,11 +32,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import socket
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,14 +41,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers.utils import logging
 
-from . import __version__
-from .preference import PreferenceEmbedding, PreferenceEmbeddingConfig
-from .utils.serialization import INTERNAL_PREFIX, IntegrityError, atomic_path, sha256_file, write_json_atomic
+from ..utils import locking
+from ..utils.serialization import INTERNAL_PREFIX, IntegrityError, atomic_path, sha256_file, write_json_atomic
+from ..version import __version__
+from .embedding import PreferenceEmbedding, PreferenceEmbeddingConfig
 
-
-logger = logging.get_logger(__name__)
 
 SHARDED_LAYOUT = "sharded"
 SHARDED_FORMAT_VERSION = 1
@@ -149,74 +144,16 @@ def check_shard_files(directory: Path, shards: Sequence[dict], verify: bool = Fa
 
 
 # ----------------------------------------------------------------------
-# Writer lock
+# Writer lock (the generic `O_EXCL` lock lives in utils/locking.py; the latent cache uses it too)
 # ----------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
 def writer_lock(
     directory: Path,
     name: str = WRITER_LOCK_NAME,
     error: type[OSError] = BankLockedError,
     what: str = "Another writer holds the sharded bank",
-) -> Iterator[None]:
-    """Hold `directory/name` (created with `O_EXCL`) while writing; a held lock is an `error` (`BankLockedError`).
-
-    Also how one process claims one shard of a split (`align_users(..., bank_directory=..., shard_index=...)`,
-    `LatentCache.encode_pool(..., shard_index=...)`): a second process given the same shard is refused."""
-    lock = directory / name
-    host = socket.gethostname()
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            stale = holder.get("host") == host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"])
-            if stale and attempt == 0:
-                logger.warning(f"Removing the stale writer lock {lock} of process {holder['pid']}, which is gone.")
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock)
-                continue
-            raise error(
-                f"{what} at {directory} ({lock} exists: process "
-                f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}). Wait for "
-                f"it to finish; if no such process is running, delete {lock}."
-            ) from None
-        break
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(
-                {"host": host, "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, handle
-            )
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-
-
-def lock_is_live(lock: Path) -> bool:
-    """Whether `lock` is held: it exists and its holder is not a dead process of this host."""
-    if not lock.exists():
-        return False
-    holder = _read_lock(lock)
-    dead = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
-    return not (dead and not _pid_alive(holder["pid"]))
-
-
-def _read_lock(lock: Path) -> dict[str, Any]:
-    try:
-        holder = json.loads(lock.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
+) -> contextlib.AbstractContextManager[None]:
+    """Hold `directory/name` while writing the bank; a held lock is a `BankLockedError` (see `utils.locking`)."""
+    return locking.writer_lock(directory, name, error=error, what=what)
 
 
 # ----------------------------------------------------------------------

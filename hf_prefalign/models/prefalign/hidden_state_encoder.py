@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..configuration_prefalign import PrefAlignConfig
+from ...distributions import DiagonalGaussian
 from .architectures import DecoderLayout
-from .distributions import DiagonalGaussian
+from .configuration_prefalign import PrefAlignConfig
 
 
 class _StopForward(Exception):

@@ -27,28 +27,28 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .. import __version__
-from ..configuration_prefalign import PrefAlignConfig
-from ..hub.model_card import backbone_card, write_card
-from ..hub.transfer import pull_folder, push_folder
-from ..loading import load_base_model, load_default_base
-from ..utils.constants import (
+from ...distributions import DiagonalGaussian
+from ...hub.model_card import backbone_card, write_card
+from ...hub.transfer import pull_folder, push_folder
+from ...integrations import load_base_model, load_default_base
+from ...utils.constants import (
     BASE_MODEL_SUBFOLDER,
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
     README_NAME,
     WEIGHTS_NAME,
 )
-from ..utils.precision import resolve_dtype
-from ..utils.serialization import (
+from ...utils.precision import resolve_dtype
+from ...utils.serialization import (
     atomic_directory,
     load_tensors,
     save_tensors_atomic,
     write_json_atomic,
 )
+from ...version import __version__
 from .adapter import LatentAdapter
 from .architectures import get_decoder_layout
-from .distributions import DiagonalGaussian
+from .configuration_prefalign import PrefAlignConfig
 from .encoder import LatentEncoder
 from .hidden_state_encoder import HiddenStateEncoder
 from .likelihood import positions_to_score, sequence_log_likelihood
@@ -56,8 +56,8 @@ from .steering import ResidualLatentAdapter
 
 
 if TYPE_CHECKING:
-    from ..bank import PreferenceBank
-    from ..preference import PreferenceEmbedding
+    from ...preference.bank import PreferenceBank
+    from ...preference.embedding import PreferenceEmbedding
 
 
 logger = logging.get_logger(__name__)
@@ -567,7 +567,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
     @property
     def preferences(self) -> PreferenceBank:
         """The bank of users' preference embeddings that `generate(preference_id=...)` reads from."""
-        from ..bank import PreferenceBank  # the bank reads preference embeddings, which import this package
+        from ...preference.bank import PreferenceBank  # lazy: loading the model does not load the preference side
 
         bank = self.__dict__.get("_preference_bank")
         if bank is None:
@@ -592,7 +592,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         its files are downloaded). It is read and checked against this backbone before it is registered, so a corrupt
         file, an interrupted download or a foreign embedding never leaves a half-registered user.
         """
-        from ..preference import PreferenceEmbedding
+        from ...preference.embedding import PreferenceEmbedding
 
         if isinstance(path, PreferenceEmbedding):
             embedding = path

@@ -13,6 +13,17 @@ from typing import Literal
 
 import torch
 
+from ..hub.transfer import push_folder
+from ..utils.paths import PREFERENCE_ID_PATTERN as _VALID_ID
+from ..utils.paths import validate_preference_id
+from ..utils.serialization import (
+    atomic_directory,
+    locked_directory,
+    read_consistent,
+    require_directory,
+    resolve_directory,
+    write_json_atomic,
+)
 from .bank_shards import (
     DEFAULT_USERS_PER_SHARD,
     SHARDED_LAYOUT,
@@ -31,19 +42,8 @@ from .bank_shards import (
     write_shard,
     writer_lock,
 )
-from .hub.transfer import push_folder
+from .embedding import PreferenceEmbedding
 from .personalisation import normalize_mix_weights
-from .preference import PreferenceEmbedding
-from .utils.paths import PREFERENCE_ID_PATTERN as _VALID_ID
-from .utils.paths import validate_preference_id
-from .utils.serialization import (
-    atomic_directory,
-    locked_directory,
-    read_consistent,
-    require_directory,
-    resolve_directory,
-    write_json_atomic,
-)
 
 
 BANK_INDEX = "bank.json"
@@ -258,7 +258,7 @@ class PreferenceBank:
         lock: after a kill -9 a reader finds the old bank or the new one, and two processes saving into one folder
         lose no user (users already on disk are copied).
 
-        Sharded (see `hf_prefalign/bank_shards.py`): `shard-NNNNN.safetensors` files of `users_per_shard` users each.
+        Sharded (see `hf_prefalign/preference/bank_shards.py`): `shard-NNNNN.safetensors` files of `users_per_shard` users each.
         Saving into an existing sharded bank appends: only users the bank does not already hold as they are
         (new users, replaced ones) go into new shards, existing shards are never rewritten, and `bank.json` is
         replaced atomically last. A second process writing the same bank meanwhile is refused ([`BankLockedError`]).

@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import __version__
-from .hub.model_card import looks_like_repo_id, preference_card, write_card
-from .hub.transfer import pull_folder, push_folder
-from .modeling.distributions import DiagonalGaussian
-from .utils.constants import CONFIG_NAME, README_NAME, WEIGHTS_NAME
-from .utils.paths import validate_relative_path
-from .utils.serialization import (
+from ..distributions import DiagonalGaussian
+from ..hub.model_card import looks_like_repo_id, preference_card, write_card
+from ..hub.transfer import pull_folder, push_folder
+from ..utils.constants import CONFIG_NAME, README_NAME, WEIGHTS_NAME
+from ..utils.paths import validate_relative_path
+from ..utils.serialization import (
     IntegrityError,
     atomic_directory,
     read_consistent,
@@ -29,14 +28,15 @@ from .utils.serialization import (
     sha256_file,
     write_json_atomic,
 )
+from ..version import __version__
 
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
-    from .data.latent_cache import LatentCache
-    from .modeling.modeling_prefalign import PrefAlignForCausalLM
+    from ..data.latent_cache import LatentCache
+    from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
 
 
 PREFERENCE_TYPE = "prefalign-preference-embedding"
