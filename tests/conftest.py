@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from datasets import Dataset
@@ -77,3 +79,17 @@ def make_tiny_pool(num_prompts: int = 6, num_responses: int = 4, seed: int = 0, 
 @pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tiny_tokenizer()
+
+
+def run_in_forked_child(work) -> int:
+    """Fork; the child runs `work()` and exits with 0 if it returned (1 if it raised), skipping the parent's cleanup
+    (as a process killed mid-write would). Returns the child's pid, for `os.waitpid` or `os.kill`."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid

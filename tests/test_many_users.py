@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LATENT_DIM, make_tiny_pool, random_words
+from conftest import LATENT_DIM, make_tiny_pool, random_words, run_in_forked_child
 from datasets import Dataset
 from transformers import get_scheduler
 
@@ -624,17 +624,6 @@ def test_benchmark_example_runs_in_quick_mode():
 # ----------------------------------------------------------------------
 # Across processes: a pool encoded in shards, users aligned in shards into one bank
 # ----------------------------------------------------------------------
-def _in_child(work) -> int:
-    """Fork; the child runs `work()` and exits with 0 if it returned (1 if it raised), skipping the parent's cleanup."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            work()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
 
 
 def _entries(cache: LatentCache) -> dict[str, torch.Tensor]:
@@ -648,7 +637,9 @@ def test_a_pool_encoded_in_shards_by_two_processes_equals_one_process(tmp_path):
     assert alone.encode_pool(pool) == 8 + 24
     shared = tmp_path / "two"
     pids = [
-        _in_child(lambda i=i: LatentCache(model, tokenizer, shared).encode_pool(pool, num_shards=2, shard_index=i))
+        run_in_forked_child(
+            lambda i=i: LatentCache(model, tokenizer, shared).encode_pool(pool, num_shards=2, shard_index=i)
+        )
         for i in range(2)
     ]
     reads, codes = 0, {}
@@ -751,7 +742,7 @@ def test_a_fan_out_killed_midway_is_finished_by_a_rerun(tmp_path, world, caplog,
         MultiUserLatentDPOTrainer._train_group = train_group  # in the child only
         run()
 
-    status = os.waitpid(_in_child(dies_at_the_third_stack), 0)[1]
+    status = os.waitpid(run_in_forked_child(dies_at_the_third_stack), 0)[1]
     assert os.WIFSIGNALED(status) if death == "kill -9" else os.WEXITSTATUS(status) == 1
     first = PreferenceBank(model.fingerprint(), LATENT_DIM, model.config.text_config.hidden_size)
     assert len(first.load(directory)) == 4  # the two stacks finished before the crash
@@ -782,7 +773,7 @@ def test_two_processes_align_their_shards_into_one_bank(tmp_path, world):
 
         return work
 
-    pids = [_in_child(launched(rank)) for rank in range(2)]
+    pids = [run_in_forked_child(launched(rank)) for rank in range(2)]
     assert [os.waitpid(pid, 0)[1] for pid in pids] == [0, 0]
     _assert_bank_equals(directory, reference)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_in_forked_child
 from datasets import Dataset
 from safetensors.torch import save_file
 from tqdm.std import tqdm as std_tqdm
@@ -73,19 +74,6 @@ def _leftovers(folder: Path) -> list[str]:
     return found
 
 
-def _in_child(work) -> int:
-    """Fork; the child runs `work()` then exits without running any of the parent's cleanup."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            work()
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
 def _kill_trials(name: str, target: Path, save, check, seconds_per_save: float) -> Counter:
     """`save(version)` in a killed loop, `check(target)` -> 'A' or 'B' after each kill."""
     outcomes: Counter = Counter()
@@ -98,7 +86,7 @@ def _kill_trials(name: str, target: Path, save, check, seconds_per_save: float) 
                 save("AB"[version % 2])
                 version += 1
 
-        pid = _in_child(loop)
+        pid = run_in_forked_child(loop)
         time.sleep(rng.uniform(0, 3 * seconds_per_save))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -295,7 +283,7 @@ def _kill_at_every_rename(name: str, target: Path, save, check) -> Counter:
             os.rename, os.replace = dying(real_rename), dying(real_replace)
             save("B")
 
-        pid = _in_child(work)
+        pid = run_in_forked_child(work)
         os.waitpid(pid, 0)
         outcomes["killed between the two renames (target absent)"] += int(not target.exists())
         outcomes[f"read {check(target)}"] += 1
@@ -380,7 +368,7 @@ def test_two_processes_saving_one_bank_lose_no_user_and_readers_never_fail(tmp_p
 
         return work
 
-    running = {_in_child(writer("a")), _in_child(writer("b"))}
+    running = {run_in_forked_child(writer("a")), run_in_forked_child(writer("b"))}
     loads, errors, codes = 0, [], []
     while running:
         for pid in list(running):
@@ -416,7 +404,7 @@ def test_two_processes_writing_one_latent_cache_lose_no_entry(tmp_path, tiny_bac
 
         return work
 
-    pids = [_in_child(writer(0)), _in_child(writer(40))]
+    pids = [run_in_forked_child(writer(0)), run_in_forked_child(writer(40))]
     codes = [os.waitpid(pid, 0)[1] for pid in pids]
     assert codes == [0, 0]
     keys = _check_cache(LatentCache(model, tokenizer, cache_dir=tmp_path))
