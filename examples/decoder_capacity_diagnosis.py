@@ -1,10 +1,9 @@
-"""Why does the amortised encoder fail the contrastive check? A diagnosis of the decoder (embedded model, 2 cores).
+"""How do the residual adapter's scale and layers set the contrastive check? A diagnosis (embedded model, 2 cores).
 
 The contrastive check of `examples/preference_space_evidence.py` asks whether a response's own z (posterior mean of
 the amortised encoder) makes that response more likely than the z of the prompt's other responses. With the PCA
 start, the residual adapter maps z back to `latent_init_scale` times the response's own mean deviation in the
-residual stream (the least-squares map). This script asks whether that scale, and one steering layer, are what
-limits the check:
+residual stream (the least-squares map). This script varies that scale and the layers the adapter acts on:
 
 1. **scale**: the PCA start fitted on the first `--fit-prompts` prompts of the training pool, the adapter's weights
    multiplied by each of `--scales`, the contrastive check (accuracy among K, teacher-forced log-likelihood gain per
@@ -19,12 +18,11 @@ Writes `<output>.json` and `<output>.md`.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from preference_space_evidence import contrastive_accuracy, get_pool, split_prompts
+from preference_space_evidence import add_split_arguments, contrastive_accuracy, get_pool, split_prompts, write_report
 
 from hf_prefalign import CLaPConfig, CLaPTrainer, PrefAlignForCausalLM, load_default_base
 
@@ -63,20 +61,13 @@ def render(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", default="outputs/preference_space")
+    add_split_arguments(parser)
     parser.add_argument("--output", default="docs/preference_space/decoder_capacity")
     parser.add_argument("--fit-prompts", type=int, default=64)
     parser.add_argument("--check-prompts", type=int, default=6)
-    parser.add_argument("--scales", default="1,2,4,8,16")
+    parser.add_argument("--scales", default="1,2,4")
     parser.add_argument("--layers", default="8,15,22", help="the several-layer adapter's layers")
-    parser.add_argument("--layer-scales", default="0.5,1,2,4")
-    parser.add_argument("--seed", type=int, default=0)
-    # The evidence script's split sizes, so that its cached training pool is found.
-    parser.add_argument("--train-prompts", type=int, default=128)
-    parser.add_argument("--probe-prompts", type=int, default=24)
-    parser.add_argument("--val-prompts", type=int, default=16)
-    parser.add_argument("--test-prompts", type=int, default=48)
-    parser.add_argument("--num-responses", type=int, default=8)
+    parser.add_argument("--layer-scales", default="1,2,4")
     cli = parser.parse_args()
     torch.set_num_threads(2)
     work = Path(cli.work_dir)
@@ -88,16 +79,21 @@ def main() -> None:
     fit = pool.select(range(cli.fit_prompts))
     check = pool.select(range(cli.fit_prompts, cli.fit_prompts + cli.check_prompts))
     settings = {
-        "[15] (default)": (None, [float(s) for s in cli.scales.split(",")]),
+        "[15]": ([15], [float(s) for s in cli.scales.split(",")]),
         f"[{cli.layers}]": ([int(x) for x in cli.layers.split(",")], [float(s) for s in cli.layer_scales.split(",")]),
     }
     checks = {}
     for name, (layers, scales) in settings.items():
-        options = {} if layers is None else {"steering_layers": layers}
-        model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer, **options)
+        model = PrefAlignForCausalLM.from_base(base, tokenizer=tokenizer, steering_layers=layers)
         CLaPTrainer(
             model=model,
-            args=CLaPConfig(output_dir=str(work / "pca-only"), max_steps=0, save_strategy="no", report_to=[]),
+            args=CLaPConfig(
+                output_dir=str(work / "pca-only"),
+                max_steps=0,
+                latent_init_scale=1.0,
+                save_strategy="no",
+                report_to=[],
+            ),
             train_dataset=fit,
             processing_class=tokenizer,
         )._init_latent_space(resuming=False)
@@ -110,9 +106,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - start, 1),
         "versions": {"torch": torch.__version__},
     }
-    Path(cli.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{cli.output}.json").write_text(json.dumps(report, indent=1) + "\n")
-    Path(f"{cli.output}.md").write_text(render(report))
+    write_report(cli.output, report, render(report))
     print(render(report))
 
 

@@ -100,6 +100,25 @@ ATTRIBUTES = ["log_words", "sentiment", "question_share", "exclamation_share", "
 # ----------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """The work folder, prompt splits and pool size; the companion scripts take the same, to find the cached pools."""
+    parser.add_argument("--work-dir", default="outputs/preference_space")
+    parser.add_argument("--train-prompts", type=int, default=128)
+    parser.add_argument("--probe-prompts", type=int, default=24)
+    parser.add_argument("--val-prompts", type=int, default=16)
+    parser.add_argument("--test-prompts", type=int, default=48)
+    parser.add_argument("--num-responses", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def write_report(output: str | Path, report: dict[str, Any], table: str) -> None:
+    """`<output>.json` (the numbers) and `<output>.md` (the generated table)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{output}.json").write_text(json.dumps(report, indent=1) + "\n")
+    Path(f"{output}.md").write_text(table)
+
+
 def split_prompts(args: argparse.Namespace) -> dict[str, Dataset]:
     prompts = load_bundled_prompts()
     order = list(range(len(prompts)))
@@ -172,9 +191,9 @@ def contrastive_accuracy(model: PrefAlignForCausalLM, tokenizer, pool: Dataset, 
         scores = torch.zeros(k, k)
         for j in range(k):
             logits = model(input_ids=ids, attention_mask=mask, latents=means[j].expand(k, -1), use_cache=False).logits
-            scores[:, j], _ = sequence_log_likelihood(logits[:, :-1], labels[:, 1:])
+            scores[:, j], _ = sequence_log_likelihood(logits, labels)  # it aligns logits and labels itself
         zero, count = sequence_log_likelihood(
-            model(input_ids=ids, attention_mask=mask, latents=None, use_cache=False).logits[:, :-1], labels[:, 1:]
+            model(input_ids=ids, attention_mask=mask, latents=None, use_cache=False).logits, labels
         )
         best = scores.max(1, keepdim=True).values
         at_best = scores == best
@@ -353,13 +372,8 @@ def pick_within_budget(curve: list[dict], base_ppl: float) -> dict:
 # ----------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", default="outputs/preference_space")
+    add_split_arguments(parser)
     parser.add_argument("--output", default="docs/preference_space/results")
-    parser.add_argument("--train-prompts", type=int, default=128)
-    parser.add_argument("--probe-prompts", type=int, default=24)
-    parser.add_argument("--val-prompts", type=int, default=16)
-    parser.add_argument("--test-prompts", type=int, default=48)
-    parser.add_argument("--num-responses", type=int, default=8)
     parser.add_argument("--samples", type=int, default=4, help="test samples per prompt")
     parser.add_argument("--val-samples", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -370,7 +384,6 @@ def main() -> None:
     parser.add_argument("--caa-multipliers", default="2,4,8")
     parser.add_argument("--users", nargs="+", default=USERS)
     parser.add_argument("--stop-after-pools", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
     work = Path(args.work_dir)
@@ -637,9 +650,7 @@ def main() -> None:
     results["machine"] = {"platform": platform.platform(), "threads": torch.get_num_threads()}
     results["versions"] = {"hf_prefalign": hf_prefalign.__version__, "torch": torch.__version__}
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    output.with_suffix(".md").write_text(render(results))
+    write_report(output, results, render(results))
     print(render(results))
 
 

@@ -163,7 +163,8 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
         shutil.rmtree(output / "clap-trainer", ignore_errors=True)
         _done(output, state, "clap", seconds=round(time.perf_counter() - start, 1))
 
-    model = PrefAlignForCausalLM.from_pretrained(backbone_dir)
+    # Generation where the hardware is: the trainers above place themselves, a loaded model stays on the CPU.
+    model = PrefAlignForCausalLM.from_pretrained(backbone_dir).to("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
 
     # 3. Two users
@@ -196,7 +197,7 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
     texts: dict[str | None, list[str]] = {c: [] for c in columns}
     heldout = prompts.select(range(num_train, config.num_prompts))
     for row in heldout:
-        ids = torch.tensor([tokenize_prompt(tokenizer, row["prompt"])] * len(columns))
+        ids = torch.tensor([tokenize_prompt(tokenizer, row["prompt"])] * len(columns), device=model.device)
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

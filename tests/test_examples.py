@@ -6,7 +6,14 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from conftest import make_tiny_pool
 from snippet_env import patch_tiny_world
+
+from hf_prefalign import CLaPConfig, CLaPTrainer, PrefAlignForCausalLM
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
+from hf_prefalign.trainer.clap_init import init_latent_space_from_pool, own_latent_log_likelihood_gain
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -57,3 +64,20 @@ def test_bank_scale_benchmark_measures_both_layouts(tmp_path):
     for row in rows.values():
         assert row["lookups"] == 5 and 0 < row["lookup_p50_ms"] <= row["lookup_p99_ms"]
     assert not list(tmp_path.iterdir()), "the banks are deleted"
+
+
+def test_evidence_contrastive_check_scores_each_response_token_once(monkeypatch):
+    """The evidence script's check and the PCA start's calibration compute the same own-z likelihood gain (a check
+    that shifted logits and labels twice scored each position against the token two ahead)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # the script imports its sibling examples
+    evidence = runpy.run_path(str(EXAMPLES / "preference_space_evidence.py"))
+    tokenizer = make_tiny_tokenizer()
+    model = PrefAlignForCausalLM.from_base(make_tiny_base("llama"), latent_dim=4).eval()
+    pool = make_tiny_pool(num_prompts=8, seed=5)
+    prepared = CLaPTrainer._prepare_dataset(pool, tokenizer, CLaPConfig(output_dir="unused", report_to=[]), "train")
+    init_latent_space_from_pool(model, prepared, tokenizer.pad_token_id, adapter_scale=1.0)
+    torch.nn.init.normal_(model.latent_adapter.weight, std=0.5)  # a decoder that z visibly changes
+    check = evidence["contrastive_accuracy"](model, tokenizer, pool, max_length=256)
+    (gain,) = own_latent_log_likelihood_gain(model, prepared, tokenizer.pad_token_id, (1.0,)).values()
+    assert gain != 0
+    assert check["nll_gain_per_token"] == pytest.approx(gain, rel=1e-4, abs=1e-6)

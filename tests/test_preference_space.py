@@ -11,7 +11,13 @@ import torch
 from conftest import LATENT_DIM, VOCAB, make_tiny_pool
 from transformers.utils import logging as hf_logging
 
-from hf_prefalign import CLaPConfig, CLaPTrainer, LatentDPOConfig, LatentDPOTrainer, PrefAlignForCausalLM
+from hf_prefalign import (
+    CLaPConfig,
+    CLaPTrainer,
+    LatentDPOConfig,
+    LatentDPOTrainer,
+    PrefAlignForCausalLM,
+)
 from hf_prefalign.data.pairs import preference_pairs_from_pool
 from hf_prefalign.data.pools import build_response_pool, instructed_prompt, load_style_instructions
 from hf_prefalign.data.prompts import tokenize_prompt
@@ -19,7 +25,7 @@ from hf_prefalign.models.prefalign.hidden_state_encoder import read_hidden_state
 from hf_prefalign.scorers import get_scorer
 from hf_prefalign.scorers.style import exclamation_share, list_share, question_share
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
-from hf_prefalign.trainer.clap_init import init_latent_space_from_pool, pool_features
+from hf_prefalign.trainer.clap_init import CALIBRATION_SCALES, init_latent_space_from_pool, pool_features
 from hf_prefalign.utils import precision
 
 
@@ -256,6 +262,24 @@ def test_pca_start_whitens_the_pool_and_maps_z_back():
     torch.testing.assert_close(model.latent_adapter.weight[0], expected, atol=1e-4, rtol=1e-3)
 
 
+def test_adapter_scale_is_calibrated_by_the_likelihood_of_held_out_prompts():
+    tokenizer = make_tiny_tokenizer()
+    data = _prepared_pool(tokenizer)  # 8 prompts: 2 held out for the calibration
+    calibrated = PrefAlignForCausalLM.from_base(make_tiny_base("llama"), latent_dim=4).eval()
+    summary = init_latent_space_from_pool(calibrated, data, tokenizer.pad_token_id, adapter_scale=None)
+    gains = summary["calibration_gain_per_token"]
+    assert summary["calibration_prompts"] == 2 and summary["responses"] == 24
+    assert len(gains) == len(CALIBRATION_SCALES)
+    assert f"{summary['adapter_scale']:.3g}" == max(gains, key=gains.get)
+    # The same directions as a fixed-scale start on the other 6 prompts, times the chosen scale.
+    fixed = PrefAlignForCausalLM.from_base(make_tiny_base("llama"), latent_dim=4).eval()
+    init_latent_space_from_pool(fixed, data.select(range(6)), tokenizer.pad_token_id, adapter_scale=1.0)
+    torch.testing.assert_close(
+        calibrated.latent_adapter.weight, summary["adapter_scale"] * fixed.latent_adapter.weight, atol=1e-4, rtol=1e-3
+    )
+    torch.testing.assert_close(calibrated.latent_encoder.to_gaussian.weight, fixed.latent_encoder.to_gaussian.weight)
+
+
 def test_clap_starts_from_pca_once_and_trains():
     tokenizer = make_tiny_tokenizer()
     model = PrefAlignForCausalLM.from_base(make_tiny_base("llama"), latent_dim=LATENT_DIM)
@@ -263,7 +287,7 @@ def test_clap_starts_from_pca_once_and_trains():
     trainer = CLaPTrainer(model=model, args=args, train_dataset=make_tiny_pool(seed=4), processing_class=tokenizer)
     trainer.train()
     summary = model.config.training_summary
-    assert summary["latent_init"]["responses"] == 24
+    assert summary["latent_init"]["responses"] == 24 and summary["latent_init"]["adapter_scale"] == 1.0
     assert model.latent_encoder.to_gaussian.weight.abs().sum() > 0
     # A second run continues from the trained space instead of starting over.
     assert trainer._init_latent_space(resuming=False) is None

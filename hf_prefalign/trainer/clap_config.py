@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -61,7 +62,8 @@ class CLaPConfig(TrainingArguments):
             encoder only. Skipped when resuming, for an already trained backbone, and for the `"blocks"` encoder.
         latent_init_scale (`float`, *optional*, defaults to 1.0):
             The adapter's start maps a response's own z back to this many times its deviation from its prompt's mean
-            state.
+            state. `None` calibrates it: the scale (1/4 to 4, a factor sqrt(2) apart) under which 8 prompts of the
+            pool, held out of the start's fit, are most likely given their responses' own z.
         latent_init_max_prompts (`int`, *optional*, defaults to 256):
             Prompts of the training pool the start reads (`None`: all).
 
@@ -145,8 +147,12 @@ class CLaPConfig(TrainingArguments):
             "choices": ["pca", "none"],
         },
     )
-    latent_init_scale: float = field(
-        default=1.0, metadata={"help": "Adapter start: z maps back to this many times the response's deviation."}
+    latent_init_scale: float | None = field(
+        default=1.0,
+        metadata={
+            "help": "Adapter start: z maps back to this many times the response's deviation; None: the scale that "
+            "makes held-out pool responses most likely under their own z."
+        },
     )
     latent_init_max_prompts: int | None = field(
         default=256, metadata={"help": "Prompts of the training pool the PCA start reads (None: all)."}
@@ -198,7 +204,11 @@ class CLaPConfig(TrainingArguments):
             raise ValueError(f"`nll_reduction` must be 'sequence' or 'token', got {self.nll_reduction!r}.")
         if self.latent_init not in ("pca", "none"):
             raise ValueError(f"`latent_init` must be 'pca' or 'none', got {self.latent_init!r}.")
-        if not self.latent_init_scale > 0:
+        if isinstance(self.latent_init_scale, str) and self.latent_init_scale.lower() == "none":
+            self.latent_init_scale = None
+        if self.latent_init_scale is not None and not (
+            math.isfinite(self.latent_init_scale) and self.latent_init_scale > 0
+        ):
             raise ValueError(f"`latent_init_scale` must be positive, got {self.latent_init_scale}.")
         if isinstance(self.latent_init_max_prompts, str) and self.latent_init_max_prompts.lower() == "none":
             self.latent_init_max_prompts = None

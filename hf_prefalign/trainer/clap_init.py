@@ -5,8 +5,10 @@ For every response of (a subset of) the pool, one no-grad pass reads the mean re
 the encoder layer and at each steering layer. Centred within each prompt, these vectors vary by what distinguishes
 one response from another (what the hidden style instructions of the pool vary); their top `latent_dim` principal
 directions, whitened, become the encoder head (so z ~ N(0, I) over the pool), and the residual adapter starts as
-the least-squares map back from z to those directions (`W_l = scale * E[d_l z^T]`). Gradient training of CLaP then
-refines both. An untrained backbone's encoder returns the same N(0, I) for every response; this start gives it a
+the least-squares map back from z to those directions (`W_l = scale * E[d_l z^T]`). The scale is fixed (1 by default)
+or calibrated: the one that makes held-out responses of the pool most likely under their own z (a one-parameter
+maximum-likelihood fit of the decoder on prompts the directions were not read from).
+Gradient training of CLaP then refines both. An untrained backbone's encoder returns the same N(0, I) for every response; this start gives it a
 space in which responses (and users) already differ.
 """
 
@@ -21,11 +23,15 @@ from transformers.utils import logging
 from trl.trainer.utils import pad
 
 from ..models.prefalign.hidden_state_encoder import HiddenStateEncoder, masked_mean, read_hidden_states
+from ..models.prefalign.likelihood import sequence_log_likelihood
 from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
 from ..models.prefalign.steering import ResidualLatentAdapter
 
 
 logger = logging.get_logger(__name__)
+
+# Candidate adapter scales of the likelihood calibration: a factor sqrt(2) apart from 1/4 to 4.
+CALIBRATION_SCALES = tuple(2 ** (k / 2) for k in range(-4, 5))
 
 
 def _pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,13 +89,44 @@ def _centre_within_groups(features: torch.Tensor, groups: torch.Tensor) -> torch
 
 
 @torch.no_grad()
+def own_latent_log_likelihood_gain(
+    model: PrefAlignForCausalLM, dataset: Dataset, pad_token_id: int, scales: tuple[float, ...]
+) -> dict[float, float]:
+    """Per-token log-likelihood gain of each response under its own posterior mean over z = 0, with the residual
+    adapter's weights multiplied by each of `scales` (teacher forcing; the weights are restored after)."""
+    adapter = model.latent_adapter
+    weight = adapter.weight.detach().clone()
+    totals, tokens = dict.fromkeys(scales, 0.0), 0
+    try:
+        for row in dataset:
+            prompt = list(row["prompt_input_ids"])
+            ids, mask = _pad_right([prompt + list(r) for r in row["responses_input_ids"]], pad_token_id)
+            ids, mask = ids.to(model.device), mask.to(model.device)
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, : len(prompt)] = -100
+            means = model.posterior(ids, mask, response_mask=labels != -100, refinement_steps=0).mean
+            zero, count = sequence_log_likelihood(model(input_ids=ids, attention_mask=mask).logits, labels)
+            tokens += int(count.sum())
+            for scale in scales:
+                adapter.weight.copy_(weight * scale)
+                own, _ = sequence_log_likelihood(
+                    model(input_ids=ids, attention_mask=mask, latents=means).logits, labels
+                )
+                totals[scale] += float((own - zero).sum())
+    finally:
+        adapter.weight.copy_(weight)
+    return {scale: total / max(tokens, 1) for scale, total in totals.items()}
+
+
+@torch.no_grad()
 def init_latent_space_from_pool(
     model: PrefAlignForCausalLM,
     dataset: Dataset,
     pad_token_id: int,
-    adapter_scale: float = 1.0,
+    adapter_scale: float | None = None,
     max_prompts: int | None = 256,
     batch_size: int = 16,
+    calibration_prompts: int = 8,
 ) -> dict[str, float]:
     """Start the hidden-state encoder (and a residual adapter) from the pool's within-prompt principal directions.
 
@@ -97,9 +134,13 @@ def init_latent_space_from_pool(
         model (`PrefAlignForCausalLM`): a backbone with `encoder_type="hidden_states"`.
         dataset (`Dataset`): the tokenized training pool (as `CLaPTrainer` prepares it).
         pad_token_id (`int`): padding id of the tokenizer.
-        adapter_scale (`float`, *optional*, defaults to 1.0): the adapter maps a response's own z back to this many
-            times its own deviation from the prompt's mean state.
+        adapter_scale (`float`, *optional*): the adapter maps a response's own z back to this many times its own
+            deviation from the prompt's mean state. `None` calibrates it: the scale of `CALIBRATION_SCALES` under
+            which the last `calibration_prompts` prompts read (held out of the directions' fit) are most likely
+            given their responses' own z.
         max_prompts (`int`, *optional*, defaults to 256): prompts read (the first ones); `None` reads all.
+        calibration_prompts (`int`, *optional*, defaults to 8): prompts held out for the calibration (at most a
+            quarter of those read).
 
     Returns:
         `dict`: what the start found (responses read, the share of within-prompt variance the latent directions
@@ -111,6 +152,15 @@ def init_latent_space_from_pool(
     if max_prompts is not None and len(dataset) > max_prompts:
         dataset = dataset.select(range(max_prompts))
     adapter = model.latent_adapter if isinstance(model.latent_adapter, ResidualLatentAdapter) else None
+    calibration = None
+    if adapter is not None and adapter_scale is None:
+        held_out = min(calibration_prompts, len(dataset) // 4)
+        if held_out == 0:
+            logger.warning("The pool is too small to calibrate the adapter's scale (4+ prompts); using 1.0.")
+            adapter_scale = 1.0
+        else:
+            calibration = dataset.select(range(len(dataset) - held_out, len(dataset)))
+            dataset = dataset.select(range(len(dataset) - held_out))
     layers = [encoder.layer] + (adapter.layers if adapter is not None else [])
     features, groups, prompt_features = pool_features(model, dataset, layers, pad_token_id, batch_size)
     latent_dim = model.config.latent_dim
@@ -140,10 +190,18 @@ def init_latent_space_from_pool(
         z = within @ head[:latent_dim].T  # (N, Z), whitened within-prompt coordinates
         for slot, layer_features in enumerate(features[1:]):
             deviations = _centre_within_groups(layer_features, groups)  # (N, H)
-            weight = adapter_scale * deviations.T @ z / num  # (H, Z) = scale * E[d z^T]
+            weight = (adapter_scale or 1.0) * deviations.T @ z / num  # (H, Z) = scale * E[d z^T]
             adapter.weight[slot].copy_(weight.to(adapter.weight))
     explained = float((singular[:rank] ** 2).sum() / (singular**2).sum().clamp(min=1e-12))
     summary = {"responses": num, "prompts": len(dataset), "explained_variance": round(explained, 4)}
+    if calibration is not None:
+        gains = own_latent_log_likelihood_gain(model, calibration, pad_token_id, CALIBRATION_SCALES)
+        adapter_scale = max(gains, key=gains.get)
+        adapter.weight.mul_(adapter_scale)
+        summary["calibration_prompts"] = len(calibration)
+        summary["calibration_gain_per_token"] = {f"{k:.3g}": round(v, 4) for k, v in gains.items()}
+    if adapter is not None:
+        summary["adapter_scale"] = round(float(adapter_scale), 4)
     logger.info(f"PCA start of the latent space: {summary}")
     return summary
 

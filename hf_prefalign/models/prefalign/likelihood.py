@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from trl.trainer.utils import selective_log_softmax
 
 
 def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,9 +18,8 @@ def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     """
     logits, targets = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t+1
     scored = targets != -100
-    log_probs = torch.log_softmax(logits, dim=-1)  # (N, T-1, V)
-    token_ll = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N, T-1)
-    token_ll = token_ll * scored
+    # TRL's log_softmax -> gather without the full (N, T-1, V) log-probability tensor.
+    token_ll = selective_log_softmax(logits, targets.clamp(min=0)) * scored  # (N, T-1)
     return token_ll.sum(-1), scored.sum(-1)
 
 
