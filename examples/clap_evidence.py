@@ -196,7 +196,7 @@ def main() -> None:
             for key in ("learning_rate", "num_epochs", "responses_per_step", "negatives", "contrastive_latents")
         }
     else:  # what the backbone's own training recorded
-        summary = model.config.training_summary or {}
+        summary = model.training_summary or {}
         recorded = summary.get("settings", {})
         training = {"seconds": summary.get("train_seconds"), "steps": summary.get("steps"), "reused": args.backbone}
         training_settings = {

@@ -120,7 +120,7 @@ def test_cli_clap_runs_in_every_process(launched):
     assert sorted(p.name for p in (out / "cli").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert (out / "cli" / "backbone" / "model.safetensors").is_file()
     assert (out / "cli" / "backbone" / "tokenizer.json").is_file()
-    summary = json.loads((out / "cli" / "backbone" / "config.json").read_text())["training_summary"]
+    summary = json.loads((out / "cli" / "backbone" / "training_summary.json").read_text())
     assert summary["prompts"] == 4 and 0.0 <= summary["evaluation"]["eval_contrastive/accuracy"] <= 1.0
 
 

@@ -582,7 +582,7 @@ def test_backbone_card_after_clap_records_the_training(hub_server: HubServer, tm
     )
     trainer.train()
     trainer.evaluate()
-    summary = model.config.training_summary
+    summary = model.training_summary
     assert summary["steps"] == 3 and summary["prompts"] == 4 and summary["responses"] == 12
     for key in ("loss/nll", "loss/kl", "loss/contrastive", "contrastive/accuracy", "latent/active_dims"):
         assert key in summary["final_metrics"], summary["final_metrics"]
@@ -600,7 +600,7 @@ def test_backbone_card_after_clap_records_the_training(hub_server: HubServer, tm
     assert f"| `kl_weight` | {args.kl_weight} |" in readme
     _assert_card_round_trips(ModelCard.load(hf_hub_download("owner/clap-backbone", "README.md")))
     pulled = PrefAlignForCausalLM.from_pretrained("owner/clap-backbone", base_model=make_tiny_base("llama"))
-    assert pulled.config.training_summary == summary
+    assert pulled.training_summary == summary
 
 
 def _words(text: str) -> set[str]:
@@ -879,8 +879,8 @@ def test_saving_updates_an_existing_card_instead_of_replacing_it(world: World, t
     model.save_pretrained(other)
     text = (other / "README.md").read_text()
     (other / "README.md").write_text(text.replace("---\n\n", "---\n\nIntro by the owner.\n\n", 1) + "\nOutro.\n")
-    model.config.training_summary = {"steps": 7, "prompts": 1, "responses": 2, "train_seconds": 0.1}
-    model.config.training_summary |= {"settings": {}, "final_metrics": {}}
+    model.training_summary = {"steps": 7, "prompts": 1, "responses": 2, "train_seconds": 0.1}
+    model.training_summary |= {"settings": {}, "final_metrics": {}}
     model.save_pretrained(other)
     updated = (other / "README.md").read_text()
     assert "Intro by the owner." in updated and "Outro." in updated and "| steps | 7 |" in updated

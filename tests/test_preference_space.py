@@ -286,7 +286,7 @@ def test_clap_starts_from_pca_once_and_trains():
     args = CLaPConfig(output_dir="unused", max_steps=2, report_to=[], save_strategy="no", use_cpu=True)
     trainer = CLaPTrainer(model=model, args=args, train_dataset=make_tiny_pool(seed=4), processing_class=tokenizer)
     trainer.train()
-    summary = model.config.training_summary
+    summary = model.training_summary
     assert summary["latent_init"]["responses"] == 24 and summary["latent_init"]["adapter_scale"] == 1.0
     assert model.latent_encoder.to_gaussian.weight.abs().sum() > 0
     # A second run continues from the trained space instead of starting over.
@@ -311,7 +311,7 @@ def test_latent_init_none_keeps_the_zero_encoder_start():
     model = PrefAlignForCausalLM.from_base(make_tiny_base("llama"), latent_dim=LATENT_DIM)
     args = CLaPConfig(output_dir="unused", max_steps=1, latent_init="none", report_to=[], save_strategy="no")
     CLaPTrainer(model=model, args=args, train_dataset=make_tiny_pool(seed=4), processing_class=tokenizer).train()
-    assert model.config.training_summary["latent_init"] is None
+    assert model.training_summary["latent_init"] is None
 
 
 # ----------------------------------------------------------------------

@@ -32,7 +32,9 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
     backbone = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
     # The library's defaults are the recipe: hidden-state encoder, residual adapter, PCA start.
     assert backbone["encoder_type"] == "hidden_states" and backbone["adapter_type"] == "residual"
-    assert backbone["training_summary"]["latent_init"]["responses"] == 5 * 4
+    assert "training_summary" not in backbone  # provenance is not architecture
+    summary = json.loads((tmp_path / "run" / "backbone" / "training_summary.json").read_text())
+    assert summary["latent_init"]["responses"] == 5 * 4
     assert set(state["stages"]) == {"pool", "clap", "users", "generate"}
     for folder in ("pool", "backbone", "users/concise", "users/detailed"):
         assert (tmp_path / "run" / folder).is_dir()

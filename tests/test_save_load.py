@@ -156,3 +156,35 @@ def test_base_of_another_architecture_is_rejected(base, tmp_path):
     other = make_tiny_base("gpt2" if base.config.model_type != "gpt2" else "llama")
     with pytest.raises(ValueError, match="does not match"):
         PrefAlignForCausalLM.from_pretrained(tmp_path / "backbone", base_model=other)
+
+
+def test_training_summary_is_saved_beside_the_config_not_in_it(base, tmp_path):
+    model = PrefAlignForCausalLM.from_base(base, latent_dim=LATENT_DIM)
+    model.training_summary = {"method": "clap", "steps": 3}
+    model.save_pretrained(tmp_path / "backbone")
+    assert "training_summary" not in json.loads((tmp_path / "backbone" / "config.json").read_text())
+    loaded = PrefAlignForCausalLM.from_pretrained(tmp_path / "backbone", base_model=model.get_base_model())
+    assert loaded.training_summary == {"method": "clap", "steps": 3}
+
+    model.training_summary = None  # a resave without provenance leaves none behind
+    model.save_pretrained(tmp_path / "backbone")
+    assert not (tmp_path / "backbone" / "training_summary.json").exists()
+
+
+def test_training_summary_of_an_older_config_moves_to_the_model(base, tmp_path):
+    model = PrefAlignForCausalLM.from_base(base, latent_dim=LATENT_DIM)
+    model.save_pretrained(tmp_path / "backbone")
+    config_file = tmp_path / "backbone" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "training_summary": {"steps": 5}}))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "backbone", base_model=model.get_base_model())
+    assert loaded.training_summary == {"steps": 5}
+    assert "training_summary" not in loaded.config.to_dict()
+
+
+def test_corrupt_training_summary_is_named(base, tmp_path):
+    model = PrefAlignForCausalLM.from_base(base, latent_dim=LATENT_DIM)
+    model.training_summary = {"steps": 1}
+    model.save_pretrained(tmp_path / "backbone")
+    (tmp_path / "backbone" / "training_summary.json").write_text("[1, 2]")
+    with pytest.raises(OSError, match="training_summary.json must hold a JSON object"):
+        PrefAlignForCausalLM.from_pretrained(tmp_path / "backbone", base_model=model.get_base_model())

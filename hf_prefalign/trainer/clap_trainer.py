@@ -425,7 +425,7 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         ]
         final = logs[-1] if logs else {}
         backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(self.model)
-        backbone.config.training_summary = {
+        backbone.training_summary = {
             "method": "clap",
             "prompts": len(dataset) if dataset is not None else None,
             "responses": sum(len(r) for r in dataset["responses_input_ids"]) if dataset is not None else None,
@@ -444,8 +444,8 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         metrics = super().evaluate(*args, **kwargs)
         backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(self.model)
-        if backbone.config.training_summary is not None:
-            backbone.config.training_summary["evaluation"] = {
+        if backbone.training_summary is not None:
+            backbone.training_summary["evaluation"] = {
                 key: round(value, 4) for key, value in metrics.items() if "/" in key and isinstance(value, float)
             }
         return metrics

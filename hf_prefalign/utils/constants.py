@@ -4,6 +4,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 GENERATION_CONFIG_NAME = "generation_config.json"
 README_NAME = "README.md"
+# What training made a backbone (sizes, steps, time, settings, final metrics): provenance, kept out of the config.
+TRAINING_SUMMARY_NAME = "training_summary.json"
 # Sub-folder holding the full base LM when a backbone is saved with a trained (unfrozen) base.
 BASE_MODEL_SUBFOLDER = "base_model"
 

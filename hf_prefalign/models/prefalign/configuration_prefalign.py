@@ -75,9 +75,6 @@ class PrefAlignConfig(PreTrainedConfig):
         gradient_skip_path (`bool`, *optional*, defaults to `False`):
             Add a gradient-only path z -> final hidden state (zero in the forward pass) that helps the encoder learn
             while the base LM is frozen. Active only in training mode.
-        training_summary (`dict`, *optional*):
-            Set by [`CLaPTrainer`]: what CLaP training did (data sizes, steps, time, settings, final metrics). Model
-            cards are generated from it.
         base_included (`bool`, *optional*, defaults to `False`):
             Set by `save_pretrained`: whether the checkpoint holds the full base LM (trained base) or only a reference
             to it (frozen base).
@@ -114,10 +111,12 @@ class PrefAlignConfig(PreTrainedConfig):
     posterior_refinement_steps: int = 0
     posterior_refinement_step_size: float = 3.0
     gradient_skip_path: bool = False
-    training_summary: dict | None = None
     base_included: bool = False
 
     def __post_init__(self, **kwargs):
+        # Training provenance is the model's (`training_summary.json`), not the architecture's; configs written by
+        # earlier versions carry it here, and `from_pretrained` moves it to the model.
+        kwargs.pop("training_summary", None)
         super().__post_init__(**kwargs)
         for name in ("latent_dim", "num_prefix_slots", "num_encoder_layers", "num_encoder_queries"):
             value = getattr(self, name)

@@ -36,6 +36,7 @@ from ...utils.constants import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
     README_NAME,
+    TRAINING_SUMMARY_NAME,
     WEIGHTS_NAME,
 )
 from ...utils.precision import resolve_dtype
@@ -67,7 +68,9 @@ _LATENT_DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVa
     "prefalign_latent_disabled", default=frozenset()
 )
 # What `save_pretrained` writes; anything else in the folder is carried over when it is overwritten.
-_BACKBONE_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, README_NAME, BASE_MODEL_SUBFOLDER})
+_BACKBONE_FILES = frozenset(
+    {CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, README_NAME, TRAINING_SUMMARY_NAME, BASE_MODEL_SUBFOLDER}
+)
 
 # Prefixes of the parameters that belong to the latent modules (what a frozen-base backbone saves).
 LATENT_MODULES = ("latent_encoder", "latent_adapter")
@@ -204,6 +207,8 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             for module in base_model.modules():
                 module._is_hf_initialized = True
         self.language_model = base_model
+        # What training made this backbone (set by `CLaPTrainer`, saved as `training_summary.json`); cards read it.
+        self.training_summary: dict[str, Any] | None = None
         self._check_cache_layers()
         self.latent_encoder = (
             HiddenStateEncoder(config) if config.encoder_type == "hidden_states" else LatentEncoder(config)
@@ -959,6 +964,8 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                 self.language_model.save_pretrained(tmp / BASE_MODEL_SUBFOLDER)
             if self.generation_config is not None:
                 write_json_atomic(self.generation_config.to_dict(), tmp / GENERATION_CONFIG_NAME)
+            if self.training_summary is not None:
+                write_json_atomic(self.training_summary, tmp / TRAINING_SUMMARY_NAME)
             write_card(
                 backbone_card,
                 tmp / README_NAME,
@@ -1131,6 +1138,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             model.freeze_base()
         if (directory / GENERATION_CONFIG_NAME).is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
+        model.training_summary = _read_training_summary(directory)
         if device is not None:
             model.to(device)
         model.train(is_trainable)
@@ -1243,6 +1251,21 @@ def _load_config(directory: Path) -> PrefAlignConfig:
             "To wrap a plain causal LM, use `PrefAlignForCausalLM.from_base(...)`."
         )
     return PrefAlignConfig.from_dict(raw)
+
+
+def _read_training_summary(directory: Path) -> dict[str, Any] | None:
+    """The backbone's `training_summary.json`, or the `training_summary` key of a config written before it existed."""
+    path = directory / TRAINING_SUMMARY_NAME
+    try:
+        if path.is_file():
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            summary = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8")).get("training_summary")
+    except json.JSONDecodeError as err:
+        raise OSError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt.") from err
+    if summary is not None and not isinstance(summary, dict):
+        raise OSError(f"{path} must hold a JSON object, got {type(summary).__name__}; the checkpoint is corrupt.")
+    return summary
 
 
 def load_default_backbone(**latent_options: Any) -> tuple[PrefAlignForCausalLM, PreTrainedTokenizerBase]:

@@ -1,0 +1,1 @@
+"""The modules of the benchmark; examples/benchmark.py is the entry point."""
