@@ -49,7 +49,11 @@ def main() -> None:
     parser.add_argument("--val-samples", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--max-pairs", type=int, default=256)
-    parser.add_argument("--layers", default="7,15", help="candidate encoder = steering layers")
+    parser.add_argument(
+        "--layers",
+        default="7,15",
+        help="candidates: `L` reads and steers at layer L; `L@A+B+C` reads at L and steers at layers A, B and C",
+    )
     parser.add_argument("--scales", default="2,4,8", help="effective adapter scales (init scale x strength)")
     parser.add_argument("--users", nargs="+", default=USERS)
     parser.add_argument("--seed", type=int, default=0)
@@ -73,10 +77,11 @@ def main() -> None:
 
     results: dict = {"settings": vars(args), "layers": {}}
     base_rows = None
-    for layer in [int(x) for x in args.layers.split(",")]:
+    for candidate in args.layers.split(","):
+        layer, steering_layers = parse_candidate(candidate)
         # PCA start at adapter scale 1 (the effective scale is applied as a strength below)
         backbone = PrefAlignForCausalLM.from_base(
-            bf16_base, tokenizer=tokenizer, encoder_layer=layer, steering_layers=[layer]
+            bf16_base, tokenizer=tokenizer, encoder_layer=layer, steering_layers=steering_layers
         )
         CLaPTrainer(
             model=backbone,
@@ -94,7 +99,7 @@ def main() -> None:
         cache = LatentCache(backbone, tokenizer)
         cache.encode_pool(pool)
         generator = PrefAlignForCausalLM.from_base(
-            base, tokenizer=tokenizer, encoder_layer=layer, steering_layers=[layer]
+            base, tokenizer=tokenizer, encoder_layer=layer, steering_layers=steering_layers
         ).eval()
         generator.load_state_dict(backbone.latent_state_dict(), strict=False)
         for name in args.users:
@@ -143,11 +148,17 @@ def main() -> None:
                 "mean_perplexity_ratio": sum(p["perplexity_ratio"] for p in points) / len(points),
                 "users_within_budget": sum(p["perplexity_ratio"] <= PPL_BUDGET for p in points),
             }
-        results["layers"][str(layer)] = {"users": per_user, "summary": summary}
-        print(layer, json.dumps(summary), flush=True)
+        results["layers"][candidate] = {"users": per_user, "summary": summary}
+        print(candidate, json.dumps(summary), flush=True)
         results["seconds"] = time.perf_counter() - start
         write(results, Path(args.output))  # after every layer: a stopped sweep keeps what it measured
     print(render(results))
+
+
+def parse_candidate(candidate: str) -> tuple[int, list[int]]:
+    """`"15"` -> (15, [15]); `"15@8+15+22"` -> (15, [8, 15, 22]): the encoder's layer and the steering layers."""
+    encoder, _, steering = candidate.partition("@")
+    return int(encoder), [int(x) for x in steering.split("+")] if steering else [int(encoder)]
 
 
 def write(results: dict, output: Path) -> None:

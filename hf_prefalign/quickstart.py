@@ -112,6 +112,7 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
     from .scorers import get_scorer
     from .trainer import CLaPConfig, CLaPTrainer, LatentDPOConfig, LatentDPOTrainer
 
+    run_start = time.perf_counter()
     scorers = {name: get_scorer(name) for name in config.users}  # fail early on an unknown scorer
     output, state = _prepare_output(config)
     torch.manual_seed(config.seed)
@@ -193,6 +194,7 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
 
     # 4. Side by side on held-out prompts, every column in one batch
     echo("[4/4] generating: neutral / " + " / ".join(config.users))
+    start = time.perf_counter()
     columns = [None, *config.users]
     texts: dict[str | None, list[str]] = {c: [] for c in columns}
     heldout = prompts.select(range(num_train, config.num_prompts))
@@ -220,7 +222,10 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
     echo("scorer      " + "".join(f"{str(c or 'neutral'):>12}" for c in columns))
     for scorer_name, row in table.items():
         echo(f"{scorer_name:<12}" + "".join(f"{value:>12.3f}" for value in row.values()))
-    _done(output, state, "generate", rewards=table)
+    _done(output, state, "generate", seconds=round(time.perf_counter() - start, 1), rewards=table)
+    # Wall clock of this invocation, loading included (a rerun that reuses stages records its own, shorter, time).
+    state["seconds"] = round(time.perf_counter() - run_start, 1)
+    write_json_atomic(state, output / STATE_FILE)
     echo(f"\nsaved under {output}: pool/, backbone/, users/{config.users[0]}/, users/{config.users[1]}/")
     return state
 

@@ -199,7 +199,7 @@ def test_clap_architecture_flags_default_to_the_config():
     from dataclasses import fields
 
     from hf_prefalign import PrefAlignConfig
-    from hf_prefalign.cli.main import _ARCHITECTURE_FIELDS, ClapArguments
+    from hf_prefalign.cli.commands.clap import _ARCHITECTURE_FIELDS, ClapArguments
 
     flags = {f.name: f for f in fields(ClapArguments) if f.name in _ARCHITECTURE_FIELDS}
     assert set(flags) == set(_ARCHITECTURE_FIELDS)
@@ -433,7 +433,10 @@ def test_unknown_scorer_and_unknown_preference_id(tiny_backbone_dir, tmp_path, c
 @pytest.mark.parametrize("spelling", ["flag", "alias", "yaml-key", "yaml-alias"])
 def test_trl_argument_names_are_aliases(tmp_path, command, spelling):
     from hf_prefalign import CLaPConfig, LatentDPOConfig, ResponsePoolConfig
-    from hf_prefalign.cli.main import AlignArguments, ClapArguments, PoolArguments, _parse
+    from hf_prefalign.cli.commands.align import AlignArguments
+    from hf_prefalign.cli.commands.clap import ClapArguments
+    from hf_prefalign.cli.commands.pool import PoolArguments
+    from hf_prefalign.cli.common import _parse
 
     ours, trl = ("dataset", "dataset_name") if command == "align" else ("model", "model_name_or_path")
     key = trl if "alias" in spelling else ours
@@ -497,7 +500,8 @@ def test_config_file_mistakes_are_one_line_usage_errors(tmp_path, capsys, conten
 
 def test_config_file_sets_defaults_flags_override_and_env_sets_variables(tmp_path, monkeypatch):
     from hf_prefalign import CLaPConfig
-    from hf_prefalign.cli.main import ClapArguments, _parse
+    from hf_prefalign.cli.commands.clap import ClapArguments
+    from hf_prefalign.cli.common import _parse
 
     monkeypatch.setenv("HF_PREFALIGN_TEST_VARIABLE", "unset")  # restored after the test (the file's `env:` sets it)
     config = tmp_path / "settings.yaml"
@@ -588,7 +592,8 @@ def test_the_yaml_example_of_the_cli_page_parses(tmp_path, monkeypatch):
     from pathlib import Path
 
     from hf_prefalign import CLaPConfig
-    from hf_prefalign.cli.main import ClapArguments, _parse
+    from hf_prefalign.cli.commands.clap import ClapArguments
+    from hf_prefalign.cli.common import _parse
 
     page = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
     example = page.split("```yaml\n", 1)[1].split("```", 1)[0]
@@ -607,15 +612,12 @@ def test_the_commands_of_the_own_model_page_parse():
     from pathlib import Path
 
     from hf_prefalign import CLaPConfig, LatentDPOConfig, ResponsePoolConfig
-    from hf_prefalign.cli.main import (
-        AlignArguments,
-        ClapArguments,
-        GenerateArguments,
-        PoolArguments,
-        PushArguments,
-        UsageError,
-        _parse,
-    )
+    from hf_prefalign.cli.commands.align import AlignArguments
+    from hf_prefalign.cli.commands.clap import ClapArguments
+    from hf_prefalign.cli.commands.generate import GenerateArguments
+    from hf_prefalign.cli.commands.hub import PushArguments
+    from hf_prefalign.cli.commands.pool import PoolArguments
+    from hf_prefalign.cli.common import UsageError, _parse
 
     dataclasses = {
         "pool": (PoolArguments, ResponsePoolConfig),
@@ -662,7 +664,7 @@ def test_align_many_users_in_shards_into_one_sharded_bank(tiny_backbone_dir, tmp
 # ----------------------------------------------------------------------
 def _stop_at_loading(monkeypatch, seen: dict):
     """Replace the CLI's model loaders by ones that record the dtype they were asked for, then stop the command."""
-    import hf_prefalign.cli.main as cli
+    import hf_prefalign.cli.common as cli
 
     def record(reference, dtype="float32", device=None):
         seen["dtype"] = dtype
@@ -699,7 +701,7 @@ def test_every_model_command_takes_dtype(tmp_path, monkeypatch, capsys, command)
 
 
 def test_loaders_honour_dtype(tiny_base_dir, tiny_backbone_dir):
-    from hf_prefalign.cli.main import _load_backbone, _load_base
+    from hf_prefalign.cli.common import _load_backbone, _load_base
 
     base, _ = _load_base(str(tiny_base_dir), "float16")
     assert base.dtype == torch.float16
@@ -711,7 +713,7 @@ def test_loaders_honour_dtype(tiny_base_dir, tiny_backbone_dir):
 def test_bf16_is_kept_where_the_model_runs_natively(tiny_base_dir, monkeypatch):
     import hf_prefalign.utils.precision as precision
     from hf_prefalign import load_base_model
-    from hf_prefalign.cli.main import _load_base
+    from hf_prefalign.cli.common import _load_base
 
     # A GPU with bf16 beside a CPU without: bf16 is resolved for the device the model goes to, not for the CPU.
     monkeypatch.setattr(precision, "bf16_supported", lambda device="cpu": torch.device(device).type == "cuda")
@@ -721,7 +723,7 @@ def test_bf16_is_kept_where_the_model_runs_natively(tiny_base_dir, monkeypatch):
 
 
 def test_device_is_the_accelerator_unless_use_cpu(monkeypatch):
-    from hf_prefalign.cli.main import _device
+    from hf_prefalign.cli.common import _device
 
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
@@ -734,7 +736,7 @@ def test_device_is_the_accelerator_unless_use_cpu(monkeypatch):
 @pytest.mark.parametrize("use_cpu", [False, True])
 def test_pool_and_generate_run_where_use_cpu_says(tiny_base_dir, tiny_backbone_dir, tmp_path, monkeypatch, use_cpu):
     import hf_prefalign
-    import hf_prefalign.cli.main as cli
+    import hf_prefalign.cli.common as cli
 
     asked, placed = [], []
 
@@ -766,7 +768,7 @@ def test_pool_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path, monkey
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in ("w5 w6", "w7 w8 w9 w10")))
     argv = ["pool", "--model", str(path), "--prompts", str(prompts), "--output_dir", str(tmp_path / "pool")]
-    with caplog.at_level("WARNING", logger="hf_prefalign.cli.main"):
+    with caplog.at_level("WARNING", logger="hf_prefalign.cli.common"):
         assert main([*argv, "--num_responses", "2", "--max_new_tokens", "3", "--use_cpu", "true"]) == 0
     assert "no pad token: padding with its EOS token '<eos>'" in caplog.text
     assert tokenizer.pad_token == "<eos>"

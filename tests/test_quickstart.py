@@ -36,6 +36,7 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "backbone" / "training_summary.json").read_text())
     assert summary["latent_init"]["responses"] == 5 * 4
     assert set(state["stages"]) == {"pool", "clap", "users", "generate"}
+    assert 0 < state["stages"]["generate"]["seconds"] <= state["seconds"]
     for folder in ("pool", "backbone", "users/concise", "users/detailed"):
         assert (tmp_path / "run" / folder).is_dir()
 

@@ -1,6 +1,6 @@
 """The argument parser of the `hf-prefalign` subcommands: `trl.TrlParser` with the CLI's error guarantees on top.
 
-`hf_prefalign.cli.main` imports this module only when a subcommand parses its arguments (never for
+`hf_prefalign.cli.common` imports this module only when a subcommand parses its arguments (never for
 `hf-prefalign --help` / `--version`, which do not import the package at all).
 """
 
@@ -14,7 +14,7 @@ from typing import NoReturn
 import yaml
 from trl import TrlParser
 
-from hf_prefalign.cli.main import UsageError
+from hf_prefalign.cli.common import UsageError
 
 
 class PrefAlignParser(TrlParser):

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
+from trl.trainer.utils import pad
 
 from ..distributions import DiagonalGaussian
 from ..utils.locking import writer_lock
@@ -359,14 +360,10 @@ class LatentCache:
 
     # Encoding ---------------------------------------------------------
     def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(map(len, sequences))
-        device = self.model.device
-        ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        return ids.to(device), mask.to(device)
+        """Right-padded `(B, T)` ids and attention mask on the model's device (TRL's `pad`)."""
+        ids = pad([torch.tensor(seq, dtype=torch.long) for seq in sequences], self.tokenizer.pad_token_id or 0)
+        mask = pad([torch.ones(len(seq), dtype=torch.long) for seq in sequences], 0)
+        return ids.to(self.model.device), mask.to(self.model.device)
 
     @torch.no_grad()
     def _encode_missing(self, prompts: list[Any], responses: list[tuple[Any, str]]) -> None:
