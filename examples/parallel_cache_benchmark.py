@@ -57,8 +57,7 @@ def load_backbone(quick: bool):
     from hf_prefalign import PrefAlignForCausalLM
 
     if quick:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import make_tiny_base, make_tiny_tokenizer
+        from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 
         return PrefAlignForCausalLM.from_base(make_tiny_base("qwen2"), latent_dim=8).eval(), make_tiny_tokenizer()
     import torch

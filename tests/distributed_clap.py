@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
-from conftest import LATENT_DIM, PAPER_DESIGN, make_tiny_base, make_tiny_tokenizer
 from datasets import Dataset
+from helpers import LATENT_DIM, PAPER_DESIGN
 
 from hf_prefalign import PrefAlignForCausalLM, save_response_pool
+from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer import CLaPConfig, CLaPTrainer
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB
+from helpers import VOCAB
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 import hf_prefalign

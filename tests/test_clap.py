@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import LATENT_DIM, PAPER_DESIGN, make_tiny_pool
 from datasets import Dataset
+from helpers import LATENT_DIM, PAPER_DESIGN, make_tiny_pool
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import TrainerCallback

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import transformers
-from conftest import make_tiny_pool, random_words
+from helpers import make_tiny_pool, random_words
 from hub_server import HubServer, hub_server_fixture  # noqa: F401  (provides the `hub_server` fixture)
 
 from hf_prefalign import PrefAlignForCausalLM, PreferenceEmbedding, load_response_pool, save_response_pool

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import make_tiny_tokenizer
 from distributed_clap import MAX_STEPS, SAVE_STEPS, epoch_batches, make_backbone, make_pool, make_trainer, step_logs
 from safetensors.torch import load_file
 
+from hf_prefalign.testing import make_tiny_tokenizer
 from hf_prefalign.trainer import CLaPConfig, CLaPTrainer
 
 

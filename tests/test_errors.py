@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LATENT_DIM, VOCAB
+from helpers import LATENT_DIM, VOCAB
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import (

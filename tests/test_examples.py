@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_pool
+from helpers import make_tiny_pool
 from snippet_env import patch_tiny_world
 
 from hf_prefalign import CLaPConfig, CLaPTrainer, PrefAlignForCausalLM

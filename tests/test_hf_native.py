@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LATENT_DIM
+from helpers import LATENT_DIM
 from transformers import AutoModelForCausalLM, pipeline
 
 import hf_prefalign.integrations.embedded as embedded

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import LATENT_DIM, make_tiny_pool, random_words
 from datasets import Dataset
+from helpers import LATENT_DIM, make_tiny_pool, random_words
 from hub_server import HubServer, hub_server_fixture  # noqa: F401  (provides the `hub_server` fixture)
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, hf_hub_download
 from safetensors.torch import load as load_safetensors_bytes

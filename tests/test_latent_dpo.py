@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from conftest import LATENT_DIM, random_words
 from datasets import Dataset
+from helpers import LATENT_DIM, random_words
 from safetensors.torch import load_file
 from transformers import TrainingArguments, pipeline
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LATENT_DIM, make_tiny_pool, random_words, run_in_forked_child
 from datasets import Dataset
+from helpers import LATENT_DIM, make_tiny_pool, random_words, run_in_forked_child
 from transformers import get_scheduler
 
 from hf_prefalign import (

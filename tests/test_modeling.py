@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import LATENT_DIM, VOCAB, left_padded_batch
+from helpers import LATENT_DIM, VOCAB, left_padded_batch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_prefalign import PrefAlignConfig, PrefAlignForCausalLM

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import transformers
-from conftest import LATENT_DIM, random_words
 from datasets import Dataset
+from helpers import LATENT_DIM, random_words
 from transformers import pipeline
 
 from hf_prefalign import LatentCache, PrefAlignForCausalLM, PreferenceEmbedding, PreferenceEmbeddingConfig

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import LATENT_DIM, make_tiny_pool
 from datasets import Dataset
+from helpers import LATENT_DIM, make_tiny_pool
 
 from hf_prefalign import PrefAlignForCausalLM
 from hf_prefalign.data import (

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import LATENT_DIM, make_tiny_pool
+from helpers import LATENT_DIM, make_tiny_pool
 
 from hf_prefalign import PrefAlignConfig, PrefAlignForCausalLM
 from hf_prefalign.models.prefalign.likelihood import sequence_log_likelihood

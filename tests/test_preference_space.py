@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import LATENT_DIM, VOCAB, make_tiny_pool
+from helpers import LATENT_DIM, VOCAB, make_tiny_pool
 from transformers.utils import logging as hf_logging
 
 from hf_prefalign import (

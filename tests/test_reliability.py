@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_in_forked_child
 from datasets import Dataset
+from helpers import run_in_forked_child
 from safetensors.torch import save_file
 from tqdm.std import tqdm as std_tqdm
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import LATENT_DIM, left_padded_batch
+from helpers import LATENT_DIM, left_padded_batch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
