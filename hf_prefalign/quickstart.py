@@ -1,6 +1,6 @@
 """The quickstart: the whole method end to end on the embedded default model, in resumable stages.
 
-pool (bundled prompts -> K responses each) -> CLaP backbone -> two contrasting users aligned with Latent DPO ->
+pool (bundled prompts -> K responses each) -> CLaP backbone -> two users with different tastes aligned with Latent DPO ->
 neutral / user A / user B generations side by side for held-out prompts, with each user's reward.
 Every stage writes its result under `output_dir`; a rerun skips the stages already done.
 """
@@ -33,7 +33,9 @@ class QuickstartConfig:
     Args:
         output_dir (`str`, *optional*, defaults to `"prefalign-quickstart"`): where pool, backbone and users are saved.
         fast (`bool`, *optional*, defaults to `False`): a smaller run (under 5 minutes on 2 cores) to see it work.
-        users (`list[str]`, *optional*, defaults to `["concise", "detailed"]`): two scorers that define the users.
+        users (`list[str]`, *optional*, defaults to `["concise", "negative"]`): two scorers that define the users
+            (short answers, and a critical tone: both directions the pool's responses show; a `detailed` user cannot
+            lengthen answers beyond the pool's own length cap, docs/quickstart.md).
         num_prompts (`int`, *optional*): bundled prompts used (the last `num_heldout` are held out); default 44
             (fast: 20).
         num_heldout (`int`, *optional*, defaults to 4): held-out prompts shown side by side.
@@ -47,7 +49,7 @@ class QuickstartConfig:
     output_dir: str = field(default="prefalign-quickstart", metadata={"help": "Where everything is saved."})
     fast: bool = field(default=False, metadata={"help": "A smaller run (under 5 minutes on 2 cores)."})
     users: list[str] = field(
-        default_factory=lambda: ["concise", "detailed"], metadata={"help": "Two scorers defining the users."}
+        default_factory=lambda: ["concise", "negative"], metadata={"help": "Two scorers defining the users."}
     )
     num_prompts: int | None = field(default=None, metadata={"help": "Bundled prompts used (default 44, fast 20)."})
     num_heldout: int = field(default=4, metadata={"help": "Held-out prompts shown side by side."})
@@ -98,6 +100,14 @@ def _prepare_output(config: QuickstartConfig) -> tuple[Path, dict[str, Any]]:
 def _done(output: Path, state: dict[str, Any], stage: str, **info: Any) -> None:
     state["stages"][stage] = info
     write_json_atomic(state, output / STATE_FILE)
+
+
+def _stop_token_ids(model, tokenizer) -> torch.Tensor:
+    """The ids that end an answer: the generation config's EOS ids and the tokenizer's EOS (finished rows of a
+    batch are padded with the pad token, which only follows one of them)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tokenizer.eos_token_id}
+    return torch.tensor(sorted(i for i in ids if i is not None), dtype=torch.long)
 
 
 def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
@@ -197,6 +207,8 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
     start = time.perf_counter()
     columns = [None, *config.users]
     texts: dict[str | None, list[str]] = {c: [] for c in columns}
+    ended = dict.fromkeys(columns, 0)  # answers that stopped on their own, before `max_new_tokens`
+    stop_ids = _stop_token_ids(model, tokenizer)
     heldout = prompts.select(range(num_train, config.num_prompts))
     for row in heldout:
         ids = torch.tensor([tokenize_prompt(tokenizer, row["prompt"])] * len(columns), device=model.device)
@@ -209,20 +221,37 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
             max_new_tokens=config.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
         )
-        decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        new_tokens = out[:, ids.shape[1] :]
+        decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        stopped = torch.isin(new_tokens, stop_ids.to(new_tokens.device)).any(dim=1).tolist()
         echo(f"\n### {row['prompt'][-1]['content']}")
-        for column, text in zip(columns, decoded, strict=True):
+        for column, text, stop in zip(columns, decoded, stopped, strict=True):
             texts[column].append(text.strip())
+            ended[column] += int(stop)
             echo(f"  [{column or 'neutral'}] {text.strip()}")
     table = {
         scorer_name: {str(c or "neutral"): round(float(scorer(texts[c]).mean()), 3) for c in columns}
         for scorer_name, scorer in scorers.items()
     }
+    words = {str(c or "neutral"): round(sum(len(t.split()) for t in texts[c]) / len(texts[c]), 1) for c in columns}
+    natural_endings = {str(c or "neutral"): ended[c] for c in columns}
     echo("\nmean reward of each user's scorer (rows) over each column's generations:")
     echo("scorer      " + "".join(f"{str(c or 'neutral'):>12}" for c in columns))
     for scorer_name, row in table.items():
         echo(f"{scorer_name:<12}" + "".join(f"{value:>12.3f}" for value in row.values()))
-    _done(output, state, "generate", seconds=round(time.perf_counter() - start, 1), rewards=table)
+    echo("words       " + "".join(f"{value:>12.1f}" for value in words.values()))
+    echo("ended       " + "".join(f"{f'{n}/{len(heldout)}':>12}" for n in natural_endings.values()))
+    echo(f"(ended: answers that stopped on their own before max_new_tokens={config.max_new_tokens})")
+    _done(
+        output,
+        state,
+        "generate",
+        seconds=round(time.perf_counter() - start, 1),
+        rewards=table,
+        words=words,
+        natural_endings=natural_endings,
+        prompts=len(heldout),
+    )
     # Wall clock of this invocation, loading included (a rerun that reuses stages records its own, shorter, time).
     state["seconds"] = round(time.perf_counter() - run_start, 1)
     write_json_atomic(state, output / STATE_FILE)

@@ -43,12 +43,12 @@ def test_quickstart_then_serve_users_examples(tmp_path, monkeypatch, capsys):
         "quickstart.py", ["--output_dir", str(run), "--fast", "--num_prompts", "8", "--num_heldout", "2"], monkeypatch
     )
     out = capsys.readouterr().out
-    assert "[4/4] generating: neutral / concise / detailed" in out
+    assert "[4/4] generating: neutral / concise / negative" in out
     assert (run / "users" / "concise" / "model.safetensors").is_file()
 
     _run_script("serve_users.py", ["--run", str(run), "--max-new-tokens", "4"], monkeypatch)
     out = capsys.readouterr().out
-    for tag in ("[detailed]", "[neutral]", "[concise]", "[pipeline, detailed]", "[pipeline, concise]"):
+    for tag in ("[negative]", "[neutral]", "[concise]", "[pipeline, negative]", "[pipeline, concise]"):
         assert tag in out, f"{tag} missing from serve_users output:\n{out}"
 
 

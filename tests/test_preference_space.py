@@ -3,6 +3,7 @@ base), the PCA start of CLaP, the bf16 path, the no-signal warning and the prefe
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -159,11 +160,37 @@ def test_untrained_encoder_is_the_prior_and_prompt_features_are_normalised():
         ({"steering_layers": [1, 3]}, "between 1 and 2"),
         ({"steering_layers": [1, 1]}, "twice"),
         ({"steering_layers": []}, "non-empty"),
+        ({"steering_layers": "all"}, "'auto' or None"),
     ],
 )
 def test_bad_design_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         PrefAlignForCausalLM.from_base(make_tiny_base("llama"), latent_dim=LATENT_DIM, **options)
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "encoder_layer", "expected"),
+    [(30, None, [8, 15, 22]), (4, None, [1, 2, 3]), (3, None, [1]), (8, 2, [2, 4])],
+)
+def test_auto_steering_layers_are_resolved_and_saved_as_a_list(tmp_path, num_layers, encoder_layer, expected):
+    base = make_tiny_base("llama", num_hidden_layers=num_layers)
+    model = PrefAlignForCausalLM.from_base(base, latent_dim=LATENT_DIM, encoder_layer=encoder_layer)
+    assert model.config.steering_layers == expected  # "auto" -> the encoder layer and a quarter of the depth around
+    assert model.latent_adapter.weight.shape[0] == len(expected)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["steering_layers"] == expected
+
+
+def test_a_backbone_saved_with_steering_layers_null_keeps_its_single_layer(tmp_path):
+    """Backbones saved before "auto" hold `null`, which still means the encoder layer alone."""
+    base = make_tiny_base("llama", num_hidden_layers=4)
+    model = PrefAlignForCausalLM.from_base(base, latent_dim=LATENT_DIM, steering_layers=[2])
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "steering_layers": None}))
+    loaded = PrefAlignForCausalLM.from_pretrained(tmp_path, base_model=base)
+    assert loaded.config.resolved_steering_layers == [2] and loaded.latent_adapter.weight.shape[0] == 1
+    torch.testing.assert_close(loaded.latent_adapter.weight, model.latent_adapter.weight)
 
 
 # ----------------------------------------------------------------------

@@ -26,7 +26,7 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "[neutral]" in out and "[concise]" in out and "[detailed]" in out
+    assert "[neutral]" in out and "[concise]" in out and "[negative]" in out
     assert "mean reward of each user's scorer" in out
     state = json.loads((tmp_path / "run" / "quickstart.json").read_text())
     backbone = json.loads((tmp_path / "run" / "backbone" / "config.json").read_text())
@@ -36,8 +36,13 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "backbone" / "training_summary.json").read_text())
     assert summary["latent_init"]["responses"] == 5 * 4
     assert set(state["stages"]) == {"pool", "clap", "users", "generate"}
-    assert 0 < state["stages"]["generate"]["seconds"] <= state["seconds"]
-    for folder in ("pool", "backbone", "users/concise", "users/detailed"):
+    generate = state["stages"]["generate"]
+    assert 0 < generate["seconds"] <= state["seconds"]
+    # Per column: mean words and how many of the held-out answers stopped before the token cap.
+    assert set(generate["words"]) == set(generate["natural_endings"]) == {"neutral", "concise", "negative"}
+    assert all(0 <= n <= generate["prompts"] == 1 for n in generate["natural_endings"].values())
+    assert "ended" in out and "words" in out
+    for folder in ("pool", "backbone", "users/concise", "users/negative"):
         assert (tmp_path / "run" / folder).is_dir()
 
     assert main(argv) == 0  # a rerun skips the finished stages

@@ -54,7 +54,11 @@ class ClapArguments:
         },
     )
     steering_layers: list[int] | None = field(
-        default=None, metadata={"help": "Decoder layers the residual adapter acts on; unset: the encoder layer."}
+        default=None,
+        metadata={
+            "help": "Decoder layers the residual adapter acts on; unset: PrefAlignConfig's 'auto' (the encoder "
+            "layer and a quarter of the depth either side)."
+        },
     )
     num_prefix_slots: int | None = field(
         default=None,
