@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+
+# The evidence script's statistics (same folder): mean, std, se.
+from preference_space_evidence import stats
 from transformers import AutoTokenizer
 
 from hf_prefalign import LatentDPOConfig, LatentDPOTrainer, PrefAlignForCausalLM
@@ -32,13 +35,6 @@ from hf_prefalign.scorers import get_scorer
 
 
 USERS = ["positive", "negative", "concise", "detailed", "questioning", "structured"]
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1))
-    return {"mean": mean, "std": std, "se": std / math.sqrt(n)}
 
 
 @torch.no_grad()

@@ -50,8 +50,8 @@ class PrefAlignConfig(PreTrainedConfig):
         steering_layers (`list[int]` or `"auto"`, *optional*, defaults to `"auto"`):
             Decoder layers the residual adapter acts on. `"auto"`: the encoder layer and a quarter of the base's depth
             on either side (layers 8, 15 and 22 of a 30-layer base), resolved to the list when the base is known;
-            one layer per side moves users several times further than the encoder layer alone at a similar
-            perplexity (docs/preference_space.md). `None` is `[encoder_layer]`, the default of backbones saved before
+            at the same perplexity under the base, users move further than with the encoder layer alone
+            (docs/preference_space.md). `None` is `[encoder_layer]`, the default of backbones saved before
             `"auto"` was (their configs hold `null`), which keep loading as they were saved.
         num_prefix_slots (`int`, *optional*, defaults to 4):
             Key/value slots per attention layer produced by the prefix adapter.
