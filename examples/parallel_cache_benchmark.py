@@ -92,20 +92,10 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def launch(job: dict[str, Any], env: dict[str, str]) -> int:
-    """Start a worker process; returns its pid. A fresh interpreter normally; `--quick`: a fork of this one (the
-    imports are done, which keeps the test of this script fast)."""
-    if not job["quick"]:
-        command = [sys.executable, __file__, "--worker", json.dumps(job)]
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env).pid
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            worker(job)
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
+    """Start a worker process (a fresh interpreter); returns its pid. Never a fork of this one: forking a process
+    whose torch and tqdm threads hold locks can leave the child blocked on a lock forever."""
+    command = [sys.executable, __file__, "--worker", json.dumps(job)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env).pid
 
 
 def run_config(processes: int, threads: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
