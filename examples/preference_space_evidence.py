@@ -19,12 +19,15 @@ One script, library defaults throughout (`PrefAlignForCausalLM.from_base`, `Resp
 
     python examples/preference_space_evidence.py [--work-dir outputs/preference_space] [--output docs/preference_space/results]
 
-Stages already on disk under --work-dir (pools, backbones) are reused. Writes `<output>.json` and `<output>.md`.
+Stages already on disk under --work-dir are reused: the pools, the backbone, and under `stages/<key>/` the encoder
+checks, the validation sweep and every generated chunk, keyed by the settings and the backbone's weights. A run
+that is killed resumes where it stopped; delete `stages/` to recompute. Writes `<output>.json` and `<output>.md`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
@@ -59,10 +62,12 @@ from hf_prefalign.data.prompts import tokenize_prompt, tokenize_response
 from hf_prefalign.models.prefalign.likelihood import sequence_log_likelihood
 from hf_prefalign.scorers import get_scorer
 from hf_prefalign.scorers.style import exclamation_share, list_share, question_share
+from hf_prefalign.utils.serialization import write_json_atomic
 
 
 USERS = ["positive", "negative", "concise", "detailed", "questioning", "structured"]
 PPL_BUDGET = 1.15  # perplexity of a user's samples under the base, relative to the base's own samples
+REUSED: list[str] = []  # stage results read back from an earlier run (their time is not in this run's timings)
 
 
 # ----------------------------------------------------------------------
@@ -130,6 +135,27 @@ def split_prompts(args: argparse.Namespace) -> dict[str, Dataset]:
         start += size
     splits["train"] = prompts.select(order[start : start + args.train_prompts])
     return splits
+
+
+def stage_dir(work: Path, args: argparse.Namespace, backbone_dir: Path) -> Path:
+    """Where this run's stage results live: keyed by every setting that changes a number and by the backbone's
+    weights, so a changed setting or a retrained backbone never reuses a stale stage."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("output", "render_only", "stop_after_pools")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for name in ("config.json", "model.safetensors"):
+        digest.update((backbone_dir / name).read_bytes())
+    return work / "stages" / digest.hexdigest()[:16]
+
+
+def cached_stage(path: Path, compute: Callable[[], Any]) -> Any:
+    """`compute()`'s JSON result, written atomically to `path`, or read back from there."""
+    if path.is_file():
+        print(f"reusing {path}", flush=True)
+        REUSED.append(path.name)
+        return json.loads(path.read_text())
+    result = compute()
+    write_json_atomic(result, path)
+    return result
 
 
 def get_pool(name: str, prompts: Dataset, base, tokenizer, work: Path, args: argparse.Namespace) -> Dataset:
@@ -273,16 +299,28 @@ def sample_rows(
     args,
     seed: int,
     rows_per_call: int = 48,
+    resume: Path | None = None,
 ) -> list[list[list[int]]]:
     """For each of `num_configs` settings, `samples` responses per prompt, all settings of a prompt in one batch.
 
     `row_inputs(input_ids, attention_mask, config_index)` gives the extra `generate` inputs of one setting's rows
-    (e.g. `latents` or steering offsets). Returns `[config][prompt * samples + s]` token lists (up to EOS).
+    (e.g. `latents` or steering offsets). Returns `[config][prompt * samples + s]` token lists (up to EOS). With
+    `resume`, every finished call's rows are written there (atomically) and reused by a later run: each call seeds
+    its own sampling, so a resumed run draws what an uninterrupted one would.
     """
     out: list[list[list[int]]] = [[] for _ in range(num_configs)]
     per_prompt = num_configs * samples
     prompts_per_call = max(1, rows_per_call // per_prompt)
+    done: dict[str, list[list[list[int]]]] = {}
+    if resume is not None and resume.is_file():
+        done = json.loads(resume.read_text())
+        print(f"reusing {len(done)} generated chunks from {resume}", flush=True)
+        REUSED.append(f"{resume.name} ({len(done)} chunks)")
     for first in range(0, len(prompts), prompts_per_call):
+        if str(first) in done:
+            for c, rows in enumerate(done[str(first)]):
+                out[c].extend(rows)
+            continue
         chunk = prompts[first : first + prompts_per_call]
         encoded = [tokenize_prompt(tokenizer, p) for p in chunk]
         width = max(map(len, encoded))
@@ -313,10 +351,16 @@ def sample_rows(
             **SAMPLING,
             **kwargs,
         )
+        chunk_out: list[list[list[int]]] = [[] for _ in range(num_configs)]
         for r, sequence in enumerate(generated[:, width:].tolist()):
             if tokenizer.eos_token_id in sequence:
                 sequence = sequence[: sequence.index(tokenizer.eos_token_id) + 1]
-            out[config_of_row[r]].append(sequence)
+            chunk_out[config_of_row[r]].append(sequence)
+        for c, rows in enumerate(chunk_out):
+            out[c].extend(rows)
+        if resume is not None:
+            done[str(first)] = chunk_out
+            write_json_atomic(done, resume)
     return out
 
 
@@ -427,20 +471,32 @@ def main() -> None:
     backbones = {"clap": trained, "pca_start_only": pca_only, "untrained": untrained}
 
     # Encoder checks on the probe pool
+    stages = stage_dir(work, args, backbone_dir)
+    print(f"stage results: {stages}", flush=True)
     t = time.perf_counter()
     vader = get_scorer("positive")
     max_length = 384
-    results["contrastive"] = {
-        name: contrastive_accuracy(model, tokenizer, probe_pool, max_length) for name, model in backbones.items()
-    }
+
+    def encoder_checks() -> dict[str, Any]:
+        checks: dict[str, Any] = {
+            "contrastive": {
+                name: contrastive_accuracy(model, tokenizer, probe_pool, max_length)
+                for name, model in backbones.items()
+            },
+            "probe": {},
+        }
+        for name, model in backbones.items():
+            train_x, train_texts = posterior_means(
+                model, tokenizer, pool.select(range(min(96, len(pool)))), max_length
+            )
+            test_x, test_texts = posterior_means(model, tokenizer, probe_pool, max_length)
+            train_y = torch.tensor([attributes(x, vader) for x in train_texts])
+            test_y = torch.tensor([attributes(x, vader) for x in test_texts])
+            checks["probe"][name] = ridge_probe(train_x, train_y, test_x, test_y)
+        return checks
+
+    results.update(cached_stage(stages / "encoder_checks.json", encoder_checks))
     print("contrastive", json.dumps(results["contrastive"], indent=1))
-    results["probe"] = {}
-    for name, model in backbones.items():
-        train_x, train_texts = posterior_means(model, tokenizer, pool.select(range(min(96, len(pool)))), max_length)
-        test_x, test_texts = posterior_means(model, tokenizer, probe_pool, max_length)
-        train_y = torch.tensor([attributes(x, vader) for x in train_texts])
-        test_y = torch.tensor([attributes(x, vader) for x in test_texts])
-        results["probe"][name] = ridge_probe(train_x, train_y, test_x, test_y)
     print("probe", json.dumps(results["probe"], indent=1))
     timings["encoder_checks"] = time.perf_counter() - t
 
@@ -522,38 +578,54 @@ def main() -> None:
         user: caa_vectors_for(bf16_base, layout, tokenizer, user_pairs[user], caa_layers, max_length)
         for user in args.users
     }
-    settings = [(None, 0.0)] + [(user, strength) for user in args.users for strength in strengths]
-    ours_val = sample_rows(
-        generator.generate, tokenizer, val_prompts, len(settings), user_rows(settings), args.val_samples, args, 10_000
-    )
-    val_base_ppl = perplexity_under(bf16_base, tokenizer, val_prompts, ours_val[0], args.val_samples)
-    validation: dict[str, Any] = {"base_perplexity": val_base_ppl, "ours": {}, "caa": {}}
-    for user in args.users:
-        curve = [
-            point(ours_val[i], val_prompts, args.val_samples, user, strength=st)
-            for i, (u, st) in enumerate(settings)
-            if u == user
-        ]
-        validation["ours"][user] = {"curve": curve, "chosen": pick_within_budget(curve, val_base_ppl)}
-    for layer in caa_layers:
-        caa_settings = [(user, layer, m) for user in args.users for m in multipliers]
-        caa_val = sample_rows(
-            caa_generate(layer),
+
+    def validate() -> dict[str, Any]:
+        settings = [(None, 0.0)] + [(user, strength) for user in args.users for strength in strengths]
+        ours_val = sample_rows(
+            generator.generate,
             tokenizer,
             val_prompts,
-            len(caa_settings),
-            caa_rows(caa_settings),
+            len(settings),
+            user_rows(settings),
             args.val_samples,
             args,
             10_000,
+            resume=stages / "val_ours.json",
         )
-        for (user, _, m), responses in zip(caa_settings, caa_val, strict=True):
-            validation["caa"].setdefault(user, {"curve": []})["curve"].append(
-                point(responses, val_prompts, args.val_samples, user, layer=layer, multiplier=m)
+        val_base_ppl = perplexity_under(bf16_base, tokenizer, val_prompts, ours_val[0], args.val_samples)
+        validation: dict[str, Any] = {"base_perplexity": val_base_ppl, "ours": {}, "caa": {}}
+        for user in args.users:
+            curve = [
+                point(ours_val[i], val_prompts, args.val_samples, user, strength=st)
+                for i, (u, st) in enumerate(settings)
+                if u == user
+            ]
+            validation["ours"][user] = {"curve": curve, "chosen": pick_within_budget(curve, val_base_ppl)}
+        for layer in caa_layers:
+            caa_settings = [(user, layer, m) for user in args.users for m in multipliers]
+            caa_val = sample_rows(
+                caa_generate(layer),
+                tokenizer,
+                val_prompts,
+                len(caa_settings),
+                caa_rows(caa_settings),
+                args.val_samples,
+                args,
+                10_000,
+                resume=stages / f"val_caa_layer{layer}.json",
             )
-    for user in args.users:
-        validation["caa"][user]["chosen"] = pick_within_budget(validation["caa"][user]["curve"], val_base_ppl)
-        print(user, "ours", validation["ours"][user]["chosen"], "caa", validation["caa"][user]["chosen"], flush=True)
+            for (user, _, m), responses in zip(caa_settings, caa_val, strict=True):
+                validation["caa"].setdefault(user, {"curve": []})["curve"].append(
+                    point(responses, val_prompts, args.val_samples, user, layer=layer, multiplier=m)
+                )
+        for user in args.users:
+            validation["caa"][user]["chosen"] = pick_within_budget(validation["caa"][user]["curve"], val_base_ppl)
+            print(
+                user, "ours", validation["ours"][user]["chosen"], "caa", validation["caa"][user]["chosen"], flush=True
+            )
+        return validation
+
+    validation = cached_stage(stages / "validation.json", validate)
     results["validation"] = validation
     timings["validation"] = time.perf_counter() - t
 
@@ -568,7 +640,15 @@ def main() -> None:
         if validation["ours"][user]["chosen"]["strength"] != 1.0
     ]
     ours_test = sample_rows(
-        generator.generate, tokenizer, test_prompts, len(settings), user_rows(settings), args.samples, args, 20_000
+        generator.generate,
+        tokenizer,
+        test_prompts,
+        len(settings),
+        user_rows(settings),
+        args.samples,
+        args,
+        20_000,
+        resume=stages / "test_ours.json",
     )
     responses = {"base": ours_test[0]}
     for index, ((user, _), rows) in enumerate(zip(settings[1:], ours_test[1:], strict=True)):
@@ -591,6 +671,7 @@ def main() -> None:
             args.samples,
             args,
             20_000,
+            resume=stages / "test_untrained.json",
         )
         for user, rows in zip(moving, rows_of, strict=True):
             responses[f"untrained/{user}"] = rows
@@ -611,6 +692,7 @@ def main() -> None:
             args.samples,
             args,
             20_000,
+            resume=stages / f"test_caa_layer{layer}.json",
         )
         for (user, _, _), rows in zip(caa_settings, caa_test, strict=True):
             responses[f"caa/{user}"] = rows
@@ -653,6 +735,7 @@ def main() -> None:
     )
     timings["total"] = time.perf_counter() - run_start
     results["timings_seconds"] = timings
+    results["reused_stages"] = REUSED
     results["machine"] = {"platform": platform.platform(), "threads": torch.get_num_threads()}
     results["versions"] = {"hf_prefalign": hf_prefalign.__version__, "torch": torch.__version__}
     output = Path(args.output)

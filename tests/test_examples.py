@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import runpy
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,43 @@ def test_evidence_contrastive_check_scores_each_response_token_once(monkeypatch)
     (gain,) = own_latent_log_likelihood_gain(model, prepared, tokenizer.pad_token_id, (1.0,)).values()
     assert gain != 0
     assert check["nll_gain_per_token"] == pytest.approx(gain, rel=1e-4, abs=1e-6)
+
+
+def test_evidence_sampling_resumes_a_killed_run_with_the_same_draws(tmp_path, monkeypatch):
+    """A run killed after its first generate call resumes from the written chunk and draws what an uninterrupted run
+    draws (each call seeds its own sampling); stage results keyed by settings and backbone weights are reused."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    evidence = runpy.run_path(str(EXAMPLES / "preference_space_evidence.py"))
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    base = make_tiny_base("llama").eval()
+    prompts = [f"prompt number {i}" for i in range(3)]
+    args = Namespace(max_new_tokens=3)
+
+    def sample(generate, resume=None):
+        no_extra = lambda ids, mask, c: {}  # noqa: E731
+        return evidence["sample_rows"](generate, tokenizer, prompts, 2, no_extra, 2, args, 7, 4, resume=resume)
+
+    uninterrupted = sample(base.generate)
+    calls = []
+
+    def dies_on_second_call(**kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the kill
+        return base.generate(**kwargs)
+
+    resume = tmp_path / "chunks.json"
+    with pytest.raises(KeyboardInterrupt):
+        sample(dies_on_second_call, resume)
+    assert len(json.loads(resume.read_text())) == 1, "the finished call is on disk"
+    assert sample(base.generate, resume) == uninterrupted
+    assert sample(lambda **kwargs: pytest.fail("nothing is left to generate"), resume) == uninterrupted
+
+    backbone = tmp_path / "backbone"
+    PrefAlignForCausalLM.from_base(base, latent_dim=4).save_pretrained(backbone)
+    key = evidence["stage_dir"](tmp_path, Namespace(seed=0, output="a"), backbone)
+    assert key == evidence["stage_dir"](tmp_path, Namespace(seed=0, output="b"), backbone), "output changes nothing"
+    assert key != evidence["stage_dir"](tmp_path, Namespace(seed=1, output="a"), backbone)
+    assert evidence["cached_stage"](key / "x.json", lambda: {"a": 1}) == {"a": 1}
+    assert evidence["cached_stage"](key / "x.json", lambda: pytest.fail("recomputed")) == {"a": 1}
