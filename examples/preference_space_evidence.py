@@ -506,26 +506,37 @@ def main() -> None:
     for name in args.users:
         pairs = preference_pairs_from_pool(pool, get_scorer(name))
         user_pairs[name] = pairs.shuffle(seed=args.seed).select(range(min(args.max_pairs, len(pairs))))
-    results["users"] = {}
-    for backbone_name, model in (("clap", trained), ("untrained", untrained)):
-        cache = LatentCache(model, tokenizer)
-        cache.encode_pool(pool)
-        for name in args.users:
-            config = LatentDPOConfig(
-                output_dir=str(work / "users" / backbone_name / name), report_to=[], seed=args.seed
-            )
-            trainer = LatentDPOTrainer(
-                model, config, train_dataset=user_pairs[name], processing_class=tokenizer, latent_cache=cache
-            )
-            start = time.perf_counter()
-            trainer.train()
-            seconds = time.perf_counter() - start
-            model.load_preference(trainer.model, preference_id=name, overwrite=True)
-            results["users"].setdefault(backbone_name, {})[name] = {
-                "pairs": len(user_pairs[name]),
-                "train_seconds": seconds,
-                "posterior_separation": trainer.posterior_separation,
-            }
+    users_dir = stages / "users"  # each trained embedding, then users.json last: a finished stage
+    if (users_dir / "users.json").is_file():
+        print(f"reusing {users_dir}", flush=True)
+        REUSED.append("users")
+        results["users"] = json.loads((users_dir / "users.json").read_text())
+        for backbone_name, model in (("clap", trained), ("untrained", untrained)):
+            for name in args.users:
+                model.load_preference(users_dir / backbone_name / name, preference_id=name, overwrite=True)
+    else:
+        results["users"] = {}
+        for backbone_name, model in (("clap", trained), ("untrained", untrained)):
+            cache = LatentCache(model, tokenizer)
+            cache.encode_pool(pool)
+            for name in args.users:
+                config = LatentDPOConfig(
+                    output_dir=str(work / "users" / backbone_name / name), report_to=[], seed=args.seed
+                )
+                trainer = LatentDPOTrainer(
+                    model, config, train_dataset=user_pairs[name], processing_class=tokenizer, latent_cache=cache
+                )
+                start = time.perf_counter()
+                trainer.train()
+                seconds = time.perf_counter() - start
+                model.load_preference(trainer.model, preference_id=name, overwrite=True)
+                model.preferences.get(name).save_pretrained(users_dir / backbone_name / name)
+                results["users"].setdefault(backbone_name, {})[name] = {
+                    "pairs": len(user_pairs[name]),
+                    "train_seconds": seconds,
+                    "posterior_separation": trainer.posterior_separation,
+                }
+        write_json_atomic(results["users"], users_dir / "users.json")
     timings["users"] = time.perf_counter() - t
 
     # Generation in fp32 (sampling gains nothing from bf16) with the trained latent modules; perplexity under the
