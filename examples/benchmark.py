@@ -33,7 +33,12 @@ its duration before it starts):
     python examples/benchmark.py                                   # build pool + backbone, then everything
     python examples/benchmark.py --pool outputs/benchmark/pool --backbone outputs/benchmark/backbone   # reuse them
     python examples/benchmark.py --estimate_only                   # print the estimate and stop
+    python examples/benchmark.py --resume                          # continue a killed run where it stopped
     python examples/benchmark.py --quick --output_dir /tmp/bench   # tiny random model, every code path, ~1 min
+
+Every run writes its finished stages (neutral samples, each user and budget) under `<work_dir>/stages/<key>/`, the
+key hashing the settings, the backbone and the pool; `--resume` reads them back, with the pool and backbone of the
+run it continues, so the full run can be spread over several sessions.
 
 `--quick` runs on a tiny randomly initialised Llama and a word-level English tokenizer built in code; its numbers
 mean nothing, and it never writes under docs/. Run with `OMP_NUM_THREADS` set to the cores you want to use.

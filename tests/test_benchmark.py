@@ -115,6 +115,42 @@ def test_quick_run_records_every_figure_and_can_reuse_its_pool_and_backbone(benc
     assert set(again["users"]["concise"]["budgets"]["3"]["methods"]) == set(benchmark.METHODS)
 
 
+def test_a_killed_quick_run_resumes_without_redoing_finished_users(benchmark, tmp_path, monkeypatch, capsys):
+    """`--resume` reads back the pool, backbone, neutral samples and every finished (user, budget) of the killed run
+    in the same work folder, and computes only what is missing."""
+    run_module = sys.modules["benchmarking.run"]
+    train_latent_dpo = run_module.train_latent_dpo
+    trained, killing = [], [True]
+
+    class Killed(BaseException):
+        pass
+
+    def dies_at_the_second_user(setup, cache, user, *args, **kwargs):
+        if user == "concise" and killing[0]:
+            raise Killed  # the kill
+        trained.append(user)
+        return train_latent_dpo(setup, cache, user, *args, **kwargs)
+
+    argv = ["--quick", "--work_dir", str(tmp_path / "work"), "--users", "positive", "concise", "--budgets", "3"]
+    argv += ["--latent_repeats", "1"]
+    monkeypatch.setattr(run_module, "train_latent_dpo", dies_at_the_second_user)
+    with pytest.raises(Killed):
+        benchmark.main([*argv, "--output_dir", str(tmp_path / "first")])
+    (finished,) = (tmp_path / "work" / "stages").glob("*/users/positive/budget-3.json")
+    assert trained == ["positive"]
+    capsys.readouterr()
+    killing[0] = False
+
+    resumed = benchmark.main([*argv, "--output_dir", str(tmp_path / "resumed"), "--resume"])
+    out = capsys.readouterr().out
+    assert trained == ["positive", "concise"], "only the unfinished user is trained again"
+    assert "pool: resuming" in out and "neutral.json" in out
+    assert resumed["one_time"]["clap"]["resumed"] and resumed["one_time"]["pool"]["resumed"]
+    assert resumed["users"]["positive"]["budgets"]["3"] == json.loads(finished.read_text())["entry"]
+    assert set(resumed["users"]["concise"]["budgets"]["3"]["methods"]) == set(benchmark.METHODS)
+    assert "prefix_generation_check" in resumed["one_time"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -37,6 +37,9 @@ class BenchmarkArguments:
         work_dir (`str`, *optional*):
             Pool, backbone, adapters and trainer folders. Default: outputs/benchmark (quick: `<output_dir>/work`).
         estimate_only (`bool`, *optional*, defaults to `False`): print the estimated duration and stop.
+        resume (`bool`, *optional*, defaults to `False`): continue a killed run in the same `work_dir` with the same
+            settings. Every run writes its finished stages under `<work_dir>/stages/<key>/` (the key hashes the
+            settings, the backbone and the pool); with `resume` they are read back instead of recomputed.
         seed (`int`, *optional*, defaults to 0): random seed of every trainer and of the sampled generations.
 
     > One-time artefacts
@@ -116,6 +119,13 @@ class BenchmarkArguments:
         default=None, metadata={"help": "Pool, backbone, adapters (default outputs/benchmark; quick: output/work)."}
     )
     estimate_only: bool = field(default=False, metadata={"help": "Print the estimated duration and stop."})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue a killed run in the same work_dir with the same settings: reuse its pool, backbone, "
+            "neutral samples and every finished (user, budget)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Random seed of every trainer and of sampled generations."})
     # One-time artefacts
     pool: str | None = field(default=None, metadata={"help": "A saved response pool to reuse."})

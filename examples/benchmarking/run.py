@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
+import json
 import os
 import resource
 import tempfile
@@ -38,11 +40,13 @@ from hf_prefalign import (
     PrefAlignForCausalLM,
     ResponsePoolConfig,
     build_response_pool,
+    load_response_pool,
     save_response_pool,
 )
 from hf_prefalign.data.pairs import preference_pairs_from_pool
 from hf_prefalign.data.prompts import tokenize_prompt
 from hf_prefalign.scorers import get_scorer
+from hf_prefalign.utils.serialization import write_json_atomic
 
 
 def output_paths(args: BenchmarkArguments) -> dict[str, Path]:
@@ -61,6 +65,25 @@ def output_paths(args: BenchmarkArguments) -> dict[str, Path]:
         "reward_vs_time": folder / "reward_vs_time.png",
         "sample_efficiency": folder / "sample_efficiency.png",
     }
+
+
+def stage_folder(args: BenchmarkArguments, work: Path, backbone: PrefAlignForCausalLM, pool: Dataset) -> Path:
+    """Where a run writes its finished stages: keyed by every setting that changes a figure, the backbone's weights
+    and the pool's texts, so `--resume` never reads a stage of another run."""
+    ignored = ("output_dir", "estimate_only", "resume", "pool", "backbone")
+    settings = {key: value for key, value in asdict(args).items() if key not in ignored}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(backbone.fingerprint().encode())
+    digest.update(json.dumps(pool.to_dict(), sort_keys=True, default=str).encode())
+    return work / "stages" / digest.hexdigest()[:16]
+
+
+def resumed_stage(args: BenchmarkArguments, path: Path) -> Any | None:
+    """The stage written at `path` by an earlier run, with `--resume`; else `None` (compute it)."""
+    if not (args.resume and path.is_file()):
+        return None
+    print(f"[benchmark] resuming: reusing {path}")
+    return json.loads(path.read_text())
 
 
 def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
@@ -88,6 +111,9 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
         work.mkdir(parents=True, exist_ok=True)
     mode = "quick" if args.quick else "full"
     print(f"[benchmark] {mode} run; work folder {work}; results to {paths['json'].parent}")
+    resumed_backbone = args.resume and args.backbone is None and (work / "backbone" / "config.json").is_file()
+    if resumed_backbone:  # trained by the run being resumed
+        args.backbone = str(work / "backbone")
 
     # Base, prompts, calibration and the estimate
     base_reference, tokenizer = resolve_base(args, work)
@@ -116,6 +142,13 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
     if reused_pool is not None:
         train_pool = reused_pool
         setup.one_time["pool"] = {"reused": args.pool, "seconds": None}
+    elif args.resume and (work / "pool.json").is_file():  # sampled by the run being resumed
+        train_pool = load_response_pool(work / "pool")
+        if list(train_pool["prompt"]) != list(train_prompts):
+            raise ValueError(f"--resume: the pool in {work / 'pool'} was sampled for other prompts than this run's.")
+        recorded = json.loads((work / "pool.json").read_text())
+        setup.one_time["pool"] = {"reused": None, "seconds": recorded["seconds"], "resumed": True}
+        print(f"[1/6] pool: resuming with {work / 'pool'}")
     else:
         print(f"[1/6] pool: sampling {args.num_responses} responses for each of {len(train_prompts)} prompts")
         start = time.perf_counter()
@@ -132,6 +165,7 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
         )
         setup.one_time["pool"] = {"reused": None, "seconds": time.perf_counter() - start}
         save_response_pool(train_pool, work / "pool")
+        write_json_atomic({"seconds": setup.one_time["pool"]["seconds"]}, work / "pool.json")
     setup.train_pool = train_pool
     setup.one_time["pool"].update(prompts=len(train_pool), responses=sum(len(r) for r in train_pool["responses"]))
 
@@ -141,10 +175,12 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
         backbone = PrefAlignForCausalLM.from_pretrained(args.backbone)
         summary = backbone.training_summary or {}
         setup.one_time["clap"] = {
-            "reused": args.backbone,
-            "seconds": None,
+            "reused": None if resumed_backbone else args.backbone,
+            "seconds": summary.get("train_seconds") if resumed_backbone else None,
             "recorded_train_seconds": summary.get("train_seconds"),
         }
+        if resumed_backbone:
+            setup.one_time["clap"]["resumed"] = True
     else:
         print(f"[2/6] CLaP: training the backbone on {len(train_pool)} prompts")
         backbone = PrefAlignForCausalLM.from_base(
@@ -188,26 +224,32 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
     heldout_ids = [tokenize_prompt(tokenizer, p) for p in heldout_prompts]
     validation_ids = [tokenize_prompt(tokenizer, p) for p in validation_prompts]
     evaluation: dict[str, Any] = {}
-    print("[4/6] neutral models on the test prompts (and the base on the validation prompts)")
-    with backbone.disable_latent():
-        responses = sample_responses(backbone.generate, heldout_ids, tokenizer, args)
-        validation_base = sample_responses(
-            backbone.generate, validation_ids, tokenizer, args, args.validation_samples, VALIDATION_SEED_OFFSET
+    stages = stage_folder(args, work, backbone, train_pool)
+    neutral = resumed_stage(args, stages / "neutral.json")
+    if neutral is None:
+        print("[4/6] neutral models on the test prompts (and the base on the validation prompts)")
+        with backbone.disable_latent():
+            responses = sample_responses(backbone.generate, heldout_ids, tokenizer, args)
+            validation_base = sample_responses(
+                backbone.generate, validation_ids, tokenizer, args, args.validation_samples, VALIDATION_SEED_OFFSET
+            )
+            # The oracle's candidates: best_of base samples per test slot, reranked per user below.
+            oracle_candidates = sample_responses(
+                backbone.generate, heldout_ids, tokenizer, args, args.best_of * args.samples_per_prompt
+            )
+        evaluation["base"] = evaluate_generations(
+            responses, tokenizer, scorers, base_perplexity(base, heldout_ids, responses)
         )
-        # The oracle's candidates: best_of base samples per test slot, reranked per user below.
-        oracle_candidates = sample_responses(
-            backbone.generate, heldout_ids, tokenizer, args, args.best_of * args.samples_per_prompt
+        evaluation["base_validation"] = evaluate_generations(
+            validation_base, tokenizer, scorers, base_perplexity(base, validation_ids, validation_base)
         )
-    evaluation["base"] = evaluate_generations(
-        responses, tokenizer, scorers, base_perplexity(base, heldout_ids, responses)
-    )
-    evaluation["base_validation"] = evaluate_generations(
-        validation_base, tokenizer, scorers, base_perplexity(base, validation_ids, validation_base)
-    )
-    responses = sample_responses(backbone.generate, heldout_ids, tokenizer, args)  # z = 0, the prior's mean
-    evaluation["latent_z0"] = evaluate_generations(
-        responses, tokenizer, scorers, base_perplexity(base, heldout_ids, responses)
-    )
+        responses = sample_responses(backbone.generate, heldout_ids, tokenizer, args)  # z = 0, the prior's mean
+        evaluation["latent_z0"] = evaluate_generations(
+            responses, tokenizer, scorers, base_perplexity(base, heldout_ids, responses)
+        )
+        neutral = {"evaluation": evaluation, "oracle_candidates": oracle_candidates}
+        write_json_atomic(neutral, stages / "neutral.json")
+    evaluation, oracle_candidates = neutral["evaluation"], neutral["oracle_candidates"]
     validation_ppl = evaluation["base_validation"]["perplexity"]
     num_layers = base.config.num_hidden_layers
     caa_layers = args.caa_layer_list or default_caa_layers(num_layers)
@@ -265,13 +307,24 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
                     "from_examples": {"pairs": fingerprint},
                 }
             )
+            tag = f"budget-{budget}"
+            done = resumed_stage(args, stages / "users" / user / f"{tag}.json")
+            if done is not None and done["entry"]["pairs_fingerprint"] == fingerprint:
+                if str(budget) == largest:
+                    embedding_dirs.append(Path(done["artefacts"]["latent_dpo"]))
+                    lora_dirs.append(Path(done["artefacts"]["lora_dpo"]))
+                if done["prefix_generation_check"] is not None:
+                    setup.one_time.setdefault("prefix_generation_check", done["prefix_generation_check"])
+                record["budgets"][str(budget)] = done["entry"]
+                continue
             entry: dict[str, Any] = {"budget": budget, "pairs": len(pairs), "pairs_fingerprint": fingerprint}
             entry["methods"] = methods = {}
-            tag = f"budget-{budget}"
+            artefacts: dict[str, str] = {}
             print(f"[4/6] user '{user}', budget {budget}: {len(pairs)} pairs")
 
             # Latent DPO (ours)
             figures, directory = train_latent_dpo(setup, cache, user, pairs, args, work, tag)
+            artefacts["latent_dpo"] = str(directory)
             if str(budget) == largest:
                 embedding_dirs.append(directory)
             backbone.load_preference(directory, preference_id=user, overwrite=True)
@@ -295,6 +348,7 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
             figures["selection"] = {"learning_rate": chosen_lr, "validation_curve": curve}
             figures["train_seconds_grid_total"] = sum(f["train_seconds"] for f, _ in lora_runs.values())
             methods["lora_dpo"] = figures
+            artefacts["lora_dpo"] = str(directory)
             if str(budget) == largest:
                 lora_dirs.append(directory)
             del model
@@ -346,6 +400,14 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
                 figures["gain"] = figures["reward"]["mean"] - evaluation["base"]["reward"][user]["mean"]
                 print(f"    {method}: {figures['train_seconds']:.3f} s, reward {figures['reward']['mean']:.3f}")
             record["budgets"][str(budget)] = entry
+            write_json_atomic(
+                {
+                    "entry": entry,
+                    "artefacts": artefacts,
+                    "prefix_generation_check": setup.one_time.get("prefix_generation_check"),
+                },
+                stages / "users" / user / f"{tag}.json",
+            )
 
         # The oracle ceiling: best of `best_of` base samples per slot, by the user's own reward (needs it at inference)
         oracle = best_of_n_responses(oracle_candidates, tokenizer, scorer, args.best_of)
