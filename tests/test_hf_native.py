@@ -232,25 +232,25 @@ def test_lora_on_a_backbone_leaves_the_latent_modules_alone(tmp_path: Path, adap
         torch.testing.assert_close(reloaded(input_ids=ids, latents=z).logits, logits, rtol=0, atol=0)
 
 
-def test_from_base_refuses_a_base_with_peft_adapters_and_the_advice_works(tmp_path: Path):
+def test_from_base_merges_a_peft_model_and_saves_the_merged_base_whole(tmp_path: Path):
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(
         make_tiny_base("llama"), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
-    with pytest.raises(TypeError, match=r"got a PeftModel.*merge_and_unload\(\).*from_base\(path\)"):
-        PrefAlignForCausalLM.from_base(peft_model)
     with pytest.raises(ValueError, match="The base model .LlamaForCausalLM. carries PEFT adapters"):
-        PrefAlignForCausalLM.from_base(peft_model.get_base_model())  # adapters injected in place
+        PrefAlignForCausalLM.from_base(peft_model.get_base_model())  # adapters injected, no PeftModel to merge them
 
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits
-    merged = peft_model.merge_and_unload()
-    merged.save_pretrained(tmp_path / "merged")
-    backbone = PrefAlignForCausalLM.from_base(str(tmp_path / "merged"), latent_dim=LATENT_DIM)
+    backbone = PrefAlignForCausalLM.from_base(peft_model, latent_dim=LATENT_DIM)
+    assert backbone.config.base_included and not [m for m in backbone.modules() if hasattr(m, "lora_A")]
     backbone.save_pretrained(tmp_path / "backbone")
-    for model in (backbone, PrefAlignForCausalLM.from_pretrained(tmp_path / "backbone")):
+    assert (tmp_path / "backbone" / "base_model" / "config.json").is_file(), "the merged weights are no named base's"
+    reloaded = PrefAlignForCausalLM.from_pretrained(tmp_path / "backbone")  # frozen, for inference
+    reloaded.save_pretrained(tmp_path / "again")  # a base of its own is saved again, trainable or not
+    for model in (backbone, reloaded, PrefAlignForCausalLM.from_pretrained(tmp_path / "again")):
         with torch.no_grad():  # z = 0 is the base (the residual adapter adds nothing): the LoRA-tuned model
             torch.testing.assert_close(model(input_ids=ids).logits, expected)
 

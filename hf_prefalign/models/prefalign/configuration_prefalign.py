@@ -79,8 +79,9 @@ class PrefAlignConfig(PreTrainedConfig):
             Add a gradient-only path z -> final hidden state (zero in the forward pass) that helps the encoder learn
             while the base LM is frozen. Active only in training mode.
         base_included (`bool`, *optional*, defaults to `False`):
-            Set by `save_pretrained`: whether the checkpoint holds the full base LM (trained base) or only a reference
-            to it (frozen base).
+            Whether the checkpoint holds the full base LM (a trained base, or one merged from a `PeftModel`) or only a
+            reference to it (frozen base). Set by `save_pretrained` (and by `from_base` for a merged `PeftModel`); a
+            backbone loaded from such a checkpoint saves its base whole again.
 
     Example:
 

@@ -127,12 +127,12 @@ def _peft_adapter_layers(module: nn.Module) -> list[nn.Module]:
 
 # The modules a backbone adds to its base, as a PEFT `exclude_modules` regex: LoRA on the base, never on them.
 LATENT_MODULES_PATTERN = r"latent_(encoder|adapter)(\..*)?"
-# Why a base carrying PEFT adapters cannot become a backbone's base, and the two ways that work.
+# Why a base with PEFT adapters injected (but no PeftModel around it to merge them) cannot become a backbone's base.
 _PEFT_BASE_MESSAGE = (
     "{found} carries PEFT adapters. A backbone records its base by name (or saves it whole, in transformers' format), "
-    "so unmerged adapters would be lost or unloadable: merge them into the base and save that "
-    "(`merged = peft_model.merge_and_unload(); merged.save_pretrained(path)`), then call `from_base(path)`. To put "
-    "LoRA on a backbone's base instead, wrap the backbone: "
+    "so unmerged adapters would be lost or unloadable: pass the PeftModel itself (`from_base` merges its adapters "
+    "into the base, as `merge_and_unload()` does), or merge them yourself and pass the merged model. To put LoRA on a "
+    "backbone's base instead, wrap the backbone: "
     "`get_peft_model(backbone, LoraConfig(..., exclude_modules=hf_prefalign.LATENT_MODULES_PATTERN))`."
 )
 
@@ -266,9 +266,11 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
 
         Args:
             base_model_or_path (`PreTrainedModel` or `str`):
-                A loaded `*ForCausalLM`, a Hub id, a local path, or `"embedded:SmolLM2-135M-Instruct-Q4_1"`. A base
-                carrying PEFT adapters (a `PeftModel`, or its `get_base_model()`) is refused: the backbone records its
-                base by name, so merge the adapters (`merge_and_unload()`), save the result and pass its path.
+                A loaded `*ForCausalLM`, a Hub id, a local path, or `"embedded:SmolLM2-135M-Instruct-Q4_1"`. A PEFT
+                `PeftModel` (e.g. a LoRA-fine-tuned base) has its adapters merged into its base, in place, as
+                `merge_and_unload()` does; the merged weights are no longer the named base's, so the backbone then
+                saves its base whole (`base_model/`). A model with adapters injected but no `PeftModel` around it
+                (a `PeftModel`'s `get_base_model()`) is refused: its adapters cannot be merged from there.
             tokenizer (`PreTrainedTokenizerBase`, *optional*):
                 If given, checked against the base's vocabulary (see [`~PrefAlignForCausalLM.check_tokenizer`]).
             freeze_base (`bool`, *optional*, defaults to `True`):
@@ -293,6 +295,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         unknown = sorted(set(latent_options) - set(_LATENT_OPTIONS))
         if unknown:
             raise TypeError(f"Unknown latent option(s) {unknown}; expected some of {list(_LATENT_OPTIONS)}.")
+        merged_adapters = False
         if isinstance(base_model_or_path, (str, os.PathLike)):
             base = load_base_model(str(base_model_or_path), revision=revision, dtype=dtype)
         elif isinstance(base_model_or_path, PrefAlignForCausalLM):
@@ -306,6 +309,15 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
                 f"`from_base` got a {type(base_model_or_path).__name__} around a PrefAlignForCausalLM, which is a "
                 "backbone already (with PEFT adapters on its base) and cannot be the base of another."
             )
+        elif isinstance(getattr(base_model_or_path, "get_base_model", lambda: None)(), PreTrainedModel) and hasattr(
+            base_model_or_path, "merge_and_unload"
+        ):  # a PeftModel around a transformers LM
+            logger.info(
+                f"from_base: merging the PEFT adapters of the {type(base_model_or_path).__name__} into its base (in "
+                "place, as `merge_and_unload()` does); the backbone saves the merged base whole."
+            )
+            base = base_model_or_path.merge_and_unload()
+            merged_adapters = True
         elif isinstance(base_model_or_path, nn.Module) and _peft_adapter_layers(base_model_or_path):
             raise TypeError(
                 _PEFT_BASE_MESSAGE.format(found=f"`from_base` got a {type(base_model_or_path).__name__}, which")
@@ -325,6 +337,7 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             base_model_revision=revision,
             # Without this, building the config would reset the (shared) base config's attention implementation.
             attn_implementation=base.config._attn_implementation,
+            base_included=merged_adapters,  # the named base's weights are not these: save them with the backbone
             **latent_options,
         )
         model = cls(config, base_model=base)
@@ -921,7 +934,9 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             save_directory (`str` or `os.PathLike`): target directory (created if needed).
             state_dict (`dict`, *optional*): tensors to save instead of `self.state_dict()` (latent entries only are used).
             save_base (`bool`, *optional*): force saving (or not) the full base; by default, saved iff some of its
-                parameters are trainable (PEFT adapters aside: a base carrying them is never saved whole).
+                parameters are trainable (PEFT adapters aside: a base carrying them is never saved whole) or the
+                backbone holds a base of its own (`config.base_included`: loaded from a folder that included it, or
+                merged from a `PeftModel`), whose weights the named base does not have.
             is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes.
             repo_id (`str`, *optional*): the Hub repo the save is meant for (used in the model card's usage snippet).
             with_tokenizer (`bool`, *optional*): the tokenizer is saved beside it (the card's snippet loads it there).
@@ -943,7 +958,9 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             adapter_ids = {id(p) for layer in adapters for p in layer.parameters()} - {
                 id(p) for layer in adapters for p in layer.get_base_layer().parameters()
             }
-            save_base = any(p.requires_grad and id(p) not in adapter_ids for p in self.language_model.parameters())
+            save_base = self.config.base_included or any(
+                p.requires_grad and id(p) not in adapter_ids for p in self.language_model.parameters()
+            )
         if save_base and adapters:
             raise ValueError(
                 "The base carries PEFT adapters, so it cannot be saved whole in transformers' format. Save the adapters "
