@@ -20,8 +20,8 @@ One script, library defaults throughout (`PrefAlignForCausalLM.from_base`, `Resp
     python examples/preference_space_evidence.py [--work-dir outputs/preference_space] [--output docs/preference_space/results]
 
 Stages already on disk under --work-dir are reused: the pools, the backbone, and under `stages/<key>/` the encoder
-checks, the validation sweep and every generated chunk, keyed by the settings and the backbone's weights. A run
-that is killed resumes where it stopped; delete `stages/` to recompute. Writes `<output>.json` and `<output>.md`.
+checks, the trained users, the validation sweep and every generated chunk, keyed by the settings and the backbone's
+weights. A run that is killed resumes where it stopped; delete `stages/` to recompute. Writes `<output>.json` and `<output>.md`.
 """
 
 from __future__ import annotations
