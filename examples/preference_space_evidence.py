@@ -459,7 +459,10 @@ def main() -> None:
     trained = get_backbone(backbone_dir, pool, bf16_base, tokenizer, args)
     timings["clap"] = time.perf_counter() - t
     results["clap_summary"] = trained.training_summary
+    # The controls' latent modules start from a seeded draw, so that a resumed run meets the same controls.
+    torch.manual_seed(args.seed)
     untrained = PrefAlignForCausalLM.from_base(bf16_base, tokenizer=tokenizer).eval()
+    torch.manual_seed(args.seed)
     pca_only = PrefAlignForCausalLM.from_base(bf16_base, tokenizer=tokenizer)
     CLaPTrainer(
         model=pca_only,
@@ -506,37 +509,38 @@ def main() -> None:
     for name in args.users:
         pairs = preference_pairs_from_pool(pool, get_scorer(name))
         user_pairs[name] = pairs.shuffle(seed=args.seed).select(range(min(args.max_pairs, len(pairs))))
-    users_dir = stages / "users"  # each trained embedding, then users.json last: a finished stage
-    if (users_dir / "users.json").is_file():
-        print(f"reusing {users_dir}", flush=True)
-        REUSED.append("users")
-        results["users"] = json.loads((users_dir / "users.json").read_text())
-        for backbone_name, model in (("clap", trained), ("untrained", untrained)):
+    users_dir = stages / "users"  # per backbone: each trained embedding, then its users.json last (a finished stage)
+    results["users"] = {}
+    for backbone_name, model in (("clap", trained), ("untrained", untrained)):
+        stage = users_dir / backbone_name
+        if (stage / "users.json").is_file():
+            print(f"reusing {stage}", flush=True)
+            REUSED.append(f"users/{backbone_name}")
+            results["users"][backbone_name] = json.loads((stage / "users.json").read_text())
             for name in args.users:
-                model.load_preference(users_dir / backbone_name / name, preference_id=name, overwrite=True)
-    else:
-        results["users"] = {}
-        for backbone_name, model in (("clap", trained), ("untrained", untrained)):
-            cache = LatentCache(model, tokenizer)
-            cache.encode_pool(pool)
-            for name in args.users:
-                config = LatentDPOConfig(
-                    output_dir=str(work / "users" / backbone_name / name), report_to=[], seed=args.seed
-                )
-                trainer = LatentDPOTrainer(
-                    model, config, train_dataset=user_pairs[name], processing_class=tokenizer, latent_cache=cache
-                )
-                start = time.perf_counter()
-                trainer.train()
-                seconds = time.perf_counter() - start
-                model.load_preference(trainer.model, preference_id=name, overwrite=True)
-                model.preferences.get(name).save_pretrained(users_dir / backbone_name / name)
-                results["users"].setdefault(backbone_name, {})[name] = {
-                    "pairs": len(user_pairs[name]),
-                    "train_seconds": seconds,
-                    "posterior_separation": trainer.posterior_separation,
-                }
-        write_json_atomic(results["users"], users_dir / "users.json")
+                model.load_preference(stage / name, preference_id=name, overwrite=True)
+            continue
+        cache = LatentCache(model, tokenizer)
+        cache.encode_pool(pool)
+        trained_users = results["users"][backbone_name] = {}
+        for name in args.users:
+            config = LatentDPOConfig(
+                output_dir=str(work / "users" / backbone_name / name), report_to=[], seed=args.seed
+            )
+            trainer = LatentDPOTrainer(
+                model, config, train_dataset=user_pairs[name], processing_class=tokenizer, latent_cache=cache
+            )
+            start = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - start
+            model.load_preference(trainer.model, preference_id=name, overwrite=True)
+            model.preferences.get(name).save_pretrained(stage / name)
+            trained_users[name] = {
+                "pairs": len(user_pairs[name]),
+                "train_seconds": seconds,
+                "posterior_separation": trainer.posterior_separation,
+            }
+        write_json_atomic(trained_users, stage / "users.json")
     timings["users"] = time.perf_counter() - t
 
     # Generation in fp32 (sampling gains nothing from bf16) with the trained latent modules; perplexity under the

@@ -37,8 +37,8 @@ from hf_prefalign import (
 from hf_prefalign.distributions import DiagonalGaussian
 from hf_prefalign.preference.personalisation import pairs_mean_difference, set_constant_prior
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
-from hf_prefalign.trainer.latent_dpo_loss import latent_dpo_loss
-from hf_prefalign.trainer.many_users import user_seed
+from hf_prefalign.trainer.latent_dpo_loss import kept_latent_pairs, latent_dpo_loss, prior_margin_weights
+from hf_prefalign.trainer.many_users import latent_seed, table_pair_keys, user_seed
 from hf_prefalign.utils.sharding import shard_of
 
 
@@ -112,17 +112,29 @@ def _train_alone(args: LatentDPOConfig, table, user_id: str, rows: list[int]) ->
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(total), num_training_steps=total
     )
     shuffle = torch.Generator().manual_seed(user_seed(args.seed, user_id, "shuffle"))
-    noise = torch.Generator().manual_seed(user_seed(args.seed, user_id, "noise"))
-    samples, step = args.num_latent_samples, 0
+    keys = table_pair_keys(table)
+    samples, step, epoch = args.num_latent_samples, 0, 0
+    epochs = math.ceil(total / math.ceil(len(rows) / batch))
+    permutations = torch.rand((epochs, len(rows)), generator=shuffle).argsort(dim=-1, stable=True)
     while step < total:
-        order = index[torch.randperm(len(rows), generator=shuffle)]
+        order = index[permutations[epoch]]
         for start in range(0, len(rows), batch):
             if step == total:
                 break
             pairs = order[start : start + batch]
             chosen = DiagonalGaussian(table["chosen_mean"][pairs], table["chosen_logvar"][pairs])
             rejected = DiagonalGaussian(table["rejected_mean"][pairs], table["rejected_logvar"][pairs])
-            draws = torch.randn((3, samples, len(pairs), LATENT), generator=noise)
+            # Each pair's latents from its own stream for this epoch, shared by every user who meets it then.
+            draws = torch.stack(
+                [
+                    torch.randn(
+                        (3, samples, LATENT),
+                        generator=torch.Generator().manual_seed(latent_seed(args.seed, keys[int(row)], epoch)),
+                    )
+                    for row in pairs
+                ],
+                dim=2,
+            )  # (3, M, B, Z)
             latents = torch.cat(
                 [draws[0], chosen.mean + chosen.std * draws[1], rejected.mean + rejected.std * draws[2]]
             )
@@ -143,6 +155,7 @@ def _train_alone(args: LatentDPOConfig, table, user_id: str, rows: list[int]) ->
             scheduler.step()
             optimizer.zero_grad()
             step += 1
+        epoch += 1
     return embedding
 
 
@@ -258,6 +271,29 @@ def test_loss_matches_the_ordered_pair_formulation(samples, quantile):
         torch.testing.assert_close(found, wanted, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("samples", [4, 5])
+@pytest.mark.parametrize("quantile", [0.0, 0.75])
+def test_kept_latent_pairs_give_the_loss_as_one_product(samples, quantile):
+    """The kept pairs' margin features times a prior's weights are the loss's margins: same loss, kept count, grads."""
+    chosen, rejected, mean, logvar, latents = _random_problem(1, 6, samples)
+    squeeze = lambda g: DiagonalGaussian(g.mean[0], g.logvar[0])  # noqa: E731
+    prior = DiagonalGaussian(mean[0], logvar[0])
+    loss, metrics = latent_dpo_loss(
+        prior, squeeze(chosen), squeeze(rejected), beta=0.7, gap_quantile=quantile, latents=latents[:, 0]
+    )
+    kept = kept_latent_pairs(
+        latents[:, 0].movedim(0, 1), squeeze(chosen), squeeze(rejected), beta=0.7, gap_quantile=quantile
+    )
+    assert int(kept.count.sum()) == int(kept.mask.sum()) == round(metrics["pairs/kept"].item() * 6) > 0
+    margins = (kept.features() * prior_margin_weights(prior).unsqueeze(1)).sum(-1)  # (B, k)
+    found = (F.softplus(margins) * kept.mask).sum() / kept.count.sum()
+    torch.testing.assert_close(found, loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(
+        torch.autograd.grad(found, [mean, logvar]), torch.autograd.grad(loss, [mean, logvar]), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_loss_over_users_equals_each_users_loss_alone():
     users, pairs, samples = 3, 5, 4
     chosen, rejected, mean, logvar, latents = _random_problem(users, pairs, samples, seed=1)
@@ -351,13 +387,28 @@ def test_batched_training_equals_training_each_user_alone(tmp_path, settings, us
             assert torch.count_nonzero(bank.get(user).up) == 0
 
 
+@pytest.mark.parametrize("chunk_elements", [1, 1 << 18], ids=["group-per-chunk", "one-chunk"])
+@pytest.mark.parametrize("features_from", [1, 10**9], ids=["pair-features", "gathered-rho"])
+def test_both_margin_paths_train_each_user_as_alone(tmp_path, monkeypatch, features_from, chunk_elements):
+    """Groups with many entries take their margins from per-pair features, groups with few from each latent's rho,
+    a chunk of groups at a time: every way gives every user its training alone."""
+    import hf_prefalign.trainer.many_users as many_users
+
+    monkeypatch.setattr(many_users, "_FEATURES_FROM", features_from)
+    monkeypatch.setattr(many_users, "_CHUNK_ELEMENTS", chunk_elements)
+    args, table = _config(tmp_path, **SETTINGS["linear-warmup-decay-clip"]), _table()
+    bank = MultiUserLatentDPOTrainer(args, table, USERS, EMBEDDING_CONFIG).train()
+    for user, rows in USERS.items():
+        _assert_same_embedding(bank.get(user), _train_alone(args, table, user, rows), user)
+
+
 def test_a_users_embedding_does_not_depend_on_the_other_users(tmp_path):
     args, table = _config(tmp_path), _table()
     together = MultiUserLatentDPOTrainer(args, table, USERS, EMBEDDING_CONFIG).train()
     alone = MultiUserLatentDPOTrainer(args, table, {"bob": USERS["bob"]}, EMBEDDING_CONFIG).train()
     _assert_same_embedding(together.get("bob"), alone.get("bob"), "bob")
     renamed = MultiUserLatentDPOTrainer(args, table, {"robert": USERS["bob"]}, EMBEDDING_CONFIG).train()
-    assert not torch.equal(renamed.get("robert").bias, alone.get("bob").bias), "streams are seeded by the user id"
+    assert not torch.equal(renamed.get("robert").bias, alone.get("bob").bias), "the shuffle is seeded by the user id"
 
 
 def test_continued_users_start_from_their_embedding(tmp_path):
@@ -875,3 +926,10 @@ def test_a_format_1_cache_is_read_and_appended_to_without_a_rewrite(tmp_path):
     assert cache.shard_files[0] == "latents.safetensors" and len(cache.shard_files) == 2
     assert (folder / "latents.safetensors").read_bytes() == before
     assert len(_entries(LatentCache(model, tokenizer, tmp_path))) == len(_entries(fresh)) + 2
+
+
+def test_the_cli_stack_size_default_is_the_library_default():
+    from hf_prefalign.cli.commands.align import AlignArguments
+    from hf_prefalign.trainer.many_users import DEFAULT_USERS_PER_BATCH
+
+    assert AlignArguments.__dataclass_fields__["users_per_batch"].default == DEFAULT_USERS_PER_BATCH

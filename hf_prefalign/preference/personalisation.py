@@ -301,13 +301,14 @@ def embedding_from_examples(
 
 
 def constant_prior_bias(mean: torch.Tensor, variance: torch.Tensor, config: PreferenceEmbeddingConfig) -> torch.Tensor:
-    """The `bias` `(2Z,)` whose prior, with no prompt-dependent part, is N(mean, diag(variance)) (`(Z,)` each)."""
+    """The `bias` `(..., 2Z)` whose prior, with no prompt-dependent part, is N(mean, diag(variance)) (`(..., Z)`
+    each)."""
     lo, hi = config.logvar_min, config.logvar_max
     # Invert logvar = lo + (hi - lo) * sigmoid(raw + shift) (see PreferenceEmbedding); a logvar at a bound is
     # unreachable, so it is pulled just inside.
-    fraction = ((variance.float().log() - lo) / (hi - lo)).clamp(1e-4, 1 - 1e-4)  # (Z,)
+    fraction = ((variance.float().log() - lo) / (hi - lo)).clamp(1e-4, 1 - 1e-4)  # (..., Z)
     raw_logvar = torch.logit(fraction) - math.log(-lo / hi)
-    return torch.cat([mean.float(), raw_logvar])  # (2Z,)
+    return torch.cat([mean.float(), raw_logvar], dim=-1)  # (..., 2Z)
 
 
 def set_constant_prior(embedding: PreferenceEmbedding, mean: torch.Tensor, variance: torch.Tensor) -> None:

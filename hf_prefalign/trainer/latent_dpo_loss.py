@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,19 @@ def _pairwise_differences(values: torch.Tensor) -> torch.Tensor:
         opposite = values[..., : n // 2] - values[..., n // 2 :]  # (..., n / 2)
         differences = torch.cat([differences, opposite], dim=-1)
     return differences
+
+
+def _pair_indices(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent indices `(a, b)` of each unordered pair, in `_pairwise_differences`'s order: `(K,)` each."""
+    positions = torch.arange(n, dtype=torch.float64)
+    half = (n - 1) // 2
+    extended = torch.cat([positions, positions[: half + 1]])
+    first = positions.expand(half, n).flatten()
+    second = extended.unfold(-1, n, 1)[1 : half + 1].flatten()
+    if n % 2 == 0:
+        first = torch.cat([first, positions[: n // 2]])
+        second = torch.cat([second, positions[n // 2 :]])
+    return first.long(), second.long()
 
 
 def _log_density_ratio(z: torch.Tensor, chosen: DiagonalGaussian, rejected: DiagonalGaussian) -> torch.Tensor:
@@ -78,6 +93,97 @@ def _gap_threshold(size: torch.Tensor, quantile: float) -> torch.Tensor | None:
     if above == below:
         return low
     return torch.lerp(low, order_statistic(above), rank - below)
+
+
+@dataclass
+class KeptLatentPairs:
+    """The kept latent pairs of G preference pairs, as what their DPO margins need from the latents.
+
+    A kept pair (a, b) of pair g contributes `softplus(f . [quadratic, linear])` to the loss of a prior with
+    `rho(z) = z^2 . quadratic + z . linear` (see [`latent_dpo_loss`]), with the margin features
+    `f = -beta * sign(r(z_a) - r(z_b)) * [z_a^2 - z_b^2, z_a - z_b]` (`features()`): one prior's margins over a
+    pair's kept latent pairs are one matrix product, and the latents, rewards and gap threshold (no gradient) are
+    computed once for every prior that meets the same latents.
+
+    Attributes:
+        terms (`torch.Tensor` of shape `(G, 3M, 2Z)`): `[z^2, z]` of each pair's latents.
+        first, second (`torch.Tensor` of shape `(G, k)`): the latents of each kept pair, padded to the largest count.
+        scale (`torch.Tensor` of shape `(G, k)`): `-beta * sign` of each kept pair's reward gap, 0 on padding.
+        count (`torch.Tensor` of shape `(G,)`): kept pairs per preference pair.
+    """
+
+    terms: torch.Tensor
+    first: torch.Tensor
+    second: torch.Tensor
+    scale: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        """k, the largest number of kept pairs (the padded width)."""
+        return self.first.shape[-1]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """`(G, k)`: `True` for real (unpadded) kept pairs."""
+        return self.scale != 0
+
+    def features(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The margin features of pairs `start:end`, `(g, k, 2Z)`, zero on padding. Built on demand, a few pairs at
+        a time: for a whole step they would be the largest tensor, written once and read twice."""
+        terms = self.terms[start:end]
+        first, second, scale = self.first[start:end], self.second[start:end], self.scale[start:end]
+        rows = terms.flatten(0, 1)  # (g * 3M, 2Z)
+        offset = (torch.arange(terms.shape[0], device=terms.device) * terms.shape[1]).unsqueeze(-1)
+
+        def pick(index: torch.Tensor) -> torch.Tensor:  # whole rows: much faster than an expanded gather
+            return rows.index_select(0, (index + offset).flatten()).view(*index.shape, rows.shape[-1])
+
+        return pick(first).sub_(pick(second)).mul_(scale.unsqueeze(-1))
+
+
+def kept_latent_pairs(
+    latents: torch.Tensor,
+    chosen: DiagonalGaussian,
+    rejected: DiagonalGaussian,
+    beta: float = 0.1,
+    gap_quantile: float = 0.75,
+) -> KeptLatentPairs:
+    """The latent pairs that [`latent_dpo_loss`] keeps for each preference pair, for their margins.
+
+    Args:
+        latents (`torch.Tensor` of shape `(G, 3M, Z)`): each pair's latents, as `latent_dpo_loss` orders them.
+        chosen, rejected (`DiagonalGaussian`): the pairs' cached posteriors, `(G, Z)`.
+        beta, gap_quantile: as in [`latent_dpo_loss`].
+
+    Returns:
+        [`KeptLatentPairs`]; `latent_dpo_loss` on a prior equals the mean of `softplus(features() . theta)` over the
+        kept pairs, `theta = prior_margin_weights(prior)` (up to float rounding).
+    """
+    with torch.no_grad():
+        z = latents.float()
+        reward = torch.sigmoid(_log_density_ratio(z, chosen, rejected))  # (G, 3M)
+        gaps = _pairwise_differences(reward)  # (G, K)
+        size = gaps.abs()
+        keep = size > 0
+        threshold = _gap_threshold(size, gap_quantile)
+        if threshold is not None:
+            keep &= size >= threshold
+        count = keep.sum(-1)  # (G,)
+        width = int(count.max()) if count.numel() else 0
+        # Each group's kept pairs first (in pair order), cut to the largest count: (G, k)
+        kept = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[:, :width]
+        mask = torch.arange(width, device=z.device) < count.unsqueeze(-1)
+        first, second = (index.to(z.device)[kept] for index in _pair_indices(z.shape[-2]))
+        scale = torch.sign(gaps.gather(-1, kept)).mul_(-beta).mul_(mask)  # (G, k), 0 on padding
+    return KeptLatentPairs(torch.cat([z.square(), z], dim=-1), first, second, scale, count)
+
+
+def prior_margin_weights(prior: DiagonalGaussian) -> torch.Tensor:
+    """`theta = [quadratic, linear]` `(..., 2Z)` of a prior: `rho(z) = z^2 . quadratic + z . linear + c`."""
+    quadratic = -0.5 * torch.expm1(-prior.logvar)
+    linear = prior.mean * torch.exp(-prior.logvar)
+    return torch.cat([quadratic, linear], dim=-1)
 
 
 def latent_dpo_loss(
@@ -171,4 +277,4 @@ def latent_dpo_loss(
     return loss, metrics
 
 
-__all__ = ["latent_dpo_loss"]
+__all__ = ["KeptLatentPairs", "kept_latent_pairs", "latent_dpo_loss", "prior_margin_weights"]

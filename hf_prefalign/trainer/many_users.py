@@ -4,7 +4,7 @@ Aligning users one [`LatentDPOTrainer`] at a time spends most of its time outsid
 dataloader, an optimizer and a cache lookup of every text, per user, for a prior of a few thousand parameters. Here
 the users' pairs are encoded once (a pair shared by many users is encoded and stored once), U users' priors are one
 [`StackedPreferenceEmbedding`] (`bias` `(U, 2Z)`, `down` `(U, F, r)`, `up` `(U, r, 2Z)`), and the Latent DPO loss
-runs over a leading user dimension ([`latent_dpo_loss`]), so one step updates every user at once.
+runs over them together ([`kept_latent_pairs`], one matrix product per pair), so one step updates every user at once.
 
 Each user is trained exactly as it would be alone, so its embedding does not depend on which other users share the
 run, in which order, or on `users_per_batch`:
@@ -15,9 +15,13 @@ run, in which order, or on `users_per_batch`:
   The batches of one step are padded to the largest and the padding is masked out of the loss; users whose steps are
   done sit out the remaining steps of their group (users are grouped by pair count, so that is rare).
 - **Randomness.** User u's permutations come from a `torch.Generator` seeded with `user_seed(data_seed or seed, u,
-  "shuffle")`, its latents from one seeded with `user_seed(seed, u, "noise")`: at each step, `torch.randn((3, M, b,
-  Z))` for its b pairs (N(0, I), chosen, rejected noise, in that order). `down` starts as in [`LatentDPOTrainer`]
-  (`torch.manual_seed(seed)`), so every new user shares it.
+  "shuffle")`. The latents are common random numbers: at its e-th pass over a pair (epoch e, from 0), a user meets
+  `torch.randn((3, M, Z))` (N(0, I), chosen, rejected noise, in that order) from a generator seeded with
+  `latent_seed(seed, key, e)`, where `key` names the pair by its content (its texts in [`align_users`], its
+  posteriors' bytes for a bare table, `table_pair_keys`). Every user who visits that pair in the same epoch meets
+  the same latents, so a step draws them, and sorts their reward gaps, once per distinct (pair, epoch) instead of
+  once per user ([`kept_latent_pairs`]); each user's margins are then one matrix product per pair. `down` starts as
+  in [`LatentDPOTrainer`] (`torch.manual_seed(seed)`), so every new user shares it.
 - **Optimizer.** AdamW with `adam_beta1`, `adam_beta2`, `adam_epsilon`, per-user step counts and learning-rate
   schedules (`linear`, `constant`, `constant_with_warmup`, `cosine`, with `warmup_steps`), elementwise on the stacked
   parameters, hence exact per user; `weight_decay` on `down` and `up` but not `bias` (the `Trainer` exempts
@@ -67,13 +71,13 @@ from ..preference.bank_shards import (
     writer_lock,
 )
 from ..preference.embedding import PreferenceEmbedding, PreferenceEmbeddingConfig, prior_from_parameters
-from ..preference.personalisation import constant_prior_bias, pairs_mean_difference
+from ..preference.personalisation import constant_prior_bias
 from ..utils.locking import lock_is_live
 from ..utils.paths import validate_preference_id
 from ..utils.serialization import resolve_directory
 from ..utils.sharding import resolve_shard_spec, shard_of, shard_tag
 from .latent_dpo_config import LatentDPOConfig
-from .latent_dpo_loss import latent_dpo_loss
+from .latent_dpo_loss import KeptLatentPairs, kept_latent_pairs, prior_margin_weights
 
 
 if TYPE_CHECKING:
@@ -86,7 +90,7 @@ logger = logging.get_logger(__name__)
 
 USER_ID_COLUMN = "user_id"
 SUPPORTED_SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
-DEFAULT_USERS_PER_BATCH = 32
+DEFAULT_USERS_PER_BATCH = 4096
 _SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 _LISTED = 5  # user ids named in a warning
 _CLAIM = re.compile(r"align-(\d{5,})-of-(\d{5,})\.lock")  # one process's claim on its shard of a fan-out
@@ -100,6 +104,20 @@ def user_seed(seed: int, user_id: str, stream: str) -> int:
     """
     digest = hashlib.sha256(json.dumps([int(seed), user_id, stream]).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def table_pair_keys(table: Mapping[str, torch.Tensor]) -> list[str]:
+    """A content key of each row of a pair table: a hash of its chosen and rejected posteriors (fp32 bytes).
+
+    Keyed by content, not by row number, so that a pair's latents do not depend on which other pairs share the table.
+    """
+    columns = torch.cat([table[name].float() for name in PAIR_COLUMNS if name != "features"], dim=1).contiguous()
+    return [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in columns.numpy()]
+
+
+def latent_seed(seed: int, pair_key: str, epoch: int) -> int:
+    """The seed of the latents drawn for a pair (by its key, see `pair_keys`) in a user's epoch `epoch` (from 0)."""
+    return user_seed(seed, f"{pair_key}/{int(epoch)}", "latents")
 
 
 def _check_config(args: LatentDPOConfig) -> None:
@@ -228,6 +246,105 @@ def stacked_prior(
 # ----------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------
+# Margins computed at once in `_grouped_loss`: 1 MB of fp32, so that the passes over them stay in the CPU's cache
+_CHUNK_ELEMENTS = 1 << 18
+_FEATURES_FROM = 32  # entries per group from which building the kept pairs' features beats gathering from rho
+
+
+def _chunks(members: list[int], width: int) -> list[tuple[int, int]]:
+    """Ranges `[start, end)` of groups (in order of their number of entries `members`) with at most
+    `_CHUNK_ELEMENTS` margins each, at least one group: a chunk's groups are padded to its largest."""
+    chunks: list[tuple[int, int]] = []
+    start = 0
+    for end in range(1, len(members) + 1):
+        if end - start > 1 and (end - start) * width * members[end - 1] > _CHUNK_ELEMENTS:
+            chunks.append((start, end - 1))
+            start = end - 1
+    return chunks + [(start, len(members))] if members else chunks
+
+
+def _grouped_loss(
+    kept: KeptLatentPairs, weights: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, num_users: int, beta: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Each user's Latent DPO loss from its entries (user slot, pair group) of one step, and its gradient.
+
+    Entries that visit the same group share its kept latent pairs: the group's margins for all of them are one matrix
+    product `(n, 2Z) @ (2Z, k)` with the pairs' features (or, for small n, gathered from each latent's rho), batched
+    over consecutive groups (given in order of their number of entries, so that padding stays small), a chunk at a
+    time so that the passes stay in cache (`_chunks`). The gradient is written out (d softplus = sigmoid), so no chunk
+    keeps a graph.
+
+    Args:
+        kept (`KeptLatentPairs`): the step's G groups.
+        weights (`torch.Tensor` of shape `(E, 2Z)`): each entry's prior as `prior_margin_weights`.
+        group, slot (`torch.Tensor` of shape `(E,)`): each entry's group and user.
+        num_users (`int`): A, the users of the step.
+
+    Returns:
+        `(loss, metrics, gradient)`: `loss` and the metrics `(A,)` each, as [`latent_dpo_loss`] over each user's own
+        pairs (the metrics' `pairs/kept` is the user's count of kept latent pairs: divide by its pairs), and the
+        gradient of `loss.sum()` with respect to `weights`.
+    """
+    weights = weights.detach()
+    device, dtype = weights.device, weights.dtype
+    num_groups, width = len(kept.count), kept.width
+    count = kept.count.to(dtype)
+    user_count = weights.new_zeros(num_users).index_add_(0, slot, count[group])
+    denominator = user_count.clamp(min=1.0)
+    coefficient = 1.0 / denominator[slot]  # (E,): d loss_user / d (an entry's sum of softplus)
+    members = torch.bincount(group, minlength=num_groups)  # entries per group
+    # Entries in order of their group: a chunk of consecutive groups is a slice of them
+    by_group = torch.sort(group, stable=True).indices
+    sorted_group = group[by_group]
+    bounds = [0, *members.cumsum(0).tolist()]
+    column = torch.arange(len(group), device=device) - torch.tensor(bounds[:-1], device=device)[sorted_group]
+    sorted_weights, sorted_coefficient = weights[by_group], coefficient[by_group]
+    sums, margin_sums, right = (weights.new_zeros(len(group)) for _ in range(3))
+    sorted_gradient = torch.zeros_like(weights)
+    for first, last in _chunks(members.tolist(), width):
+        entries = slice(bounds[first], bounds[last])
+        rows, columns = sorted_group[entries] - first, column[entries]
+        laid_out = weights.new_zeros(last - first, int(members[first:last].max()), weights.shape[-1])
+        laid_out[rows, columns] = sorted_weights[entries]  # (g, n, 2Z)
+        if laid_out.shape[1] >= _FEATURES_FROM:  # many entries per group: per-pair features, shared by them
+            features = kept.features(first, last)  # (g, k, 2Z)
+            margins = torch.bmm(laid_out, features.transpose(1, 2))  # (g, n, k): -beta * rho gap, per kept pair
+        else:  # few: each latent's rho, then the kept pairs' differences (no (k, 2Z) features to build)
+            terms = kept.terms[first:last]  # (g, 3M, 2Z)
+            rho = torch.bmm(laid_out, terms.transpose(1, 2))  # (g, n, 3M)
+            shape = (-1, laid_out.shape[1], -1)
+            index_a = kept.first[first:last].unsqueeze(1).expand(*shape)  # (g, n, k)
+            index_b = kept.second[first:last].unsqueeze(1).expand(*shape)
+            pair_scale = kept.scale[first:last].unsqueeze(1)  # (g, 1, k)
+            margins = (rho.gather(-1, index_a) - rho.gather(-1, index_b)).mul_(pair_scale)
+        # Padded kept pairs have margin 0 (zero scale): softplus(0) = log 2 each, subtracted; 0 elsewhere.
+        padding = (width - count[first:last]).mul_(math.log(2.0)).unsqueeze(-1)  # (g, 1)
+        sums[entries] = (torch.logaddexp(margins, margins.new_zeros(())).sum(-1) - padding)[rows, columns]
+        margin_sums[entries] = margins.sum(-1)[rows, columns]
+        right[entries] = (margins < 0).sum(-1).to(dtype)[rows, columns]
+        scale = weights.new_zeros(laid_out.shape[:2])  # (g, n): each real entry's coefficient, 0 on padding
+        scale[rows, columns] = sorted_coefficient[entries]
+        slopes = torch.sigmoid_(margins).mul_(scale.unsqueeze(-1))  # d loss / d margin
+        if laid_out.shape[1] >= _FEATURES_FROM:
+            grad_laid_out = torch.bmm(slopes, features)
+        else:
+            slopes.mul_(pair_scale)  # d loss / d rho_a, and minus d loss / d rho_b
+            grad_rho = torch.zeros_like(rho).scatter_add_(-1, index_a, slopes).scatter_add_(-1, index_b, slopes.neg_())
+            grad_laid_out = torch.bmm(grad_rho, terms)
+        sorted_gradient[entries] = grad_laid_out[rows, columns]  # (e, 2Z)
+    gradient = torch.empty_like(sorted_gradient)
+    gradient[by_group] = sorted_gradient
+    slot = slot[by_group]  # the sums are in group order too
+    totals = weights.new_zeros(num_users)
+    loss = totals.index_add(0, slot, sums) / denominator
+    metrics = {
+        "pairs/kept": user_count,
+        "rewards/margin": totals.index_add(0, slot, margin_sums) / (-beta * denominator),
+        "rewards/accuracy": totals.index_add(0, slot, right) / denominator,
+    }
+    return loss, metrics, gradient
+
+
 def _pick(tensor: torch.Tensor, selected: torch.Tensor | None) -> torch.Tensor:
     """The rows of the users taking part in a step (all of them when `selected` is None)."""
     return tensor if selected is None else tensor[selected.to(tensor.device)]
@@ -295,8 +412,13 @@ class MultiUserLatentDPOTrainer:
             fingerprint and references); its `rank` is replaced by `args.prior_rank`, its `training` by the record.
         preference_embeddings (`dict[str, PreferenceEmbedding]`, *optional*): users to continue instead of starting
             them at `prior_init` (a warm start: weights only, fresh optimizer state).
-        users_per_batch (`int`, *optional*, defaults to 32): users per stack; memory grows linearly with it (about
-            4 MB per user with 16 latent samples and batches of ~20 pairs); speed barely changes from 16 to 128.
+        users_per_batch (`int`, *optional*, defaults to 4096): users per stack. A step draws the latents of each
+            distinct (pair, epoch) once for its whole stack, so larger stacks are faster where users share pairs (on
+            the many-users benchmark, one core: 118 users/s at 256, 331 at 1,000, 417 at 4,096); memory grows
+            with it by the stack's parameters (`down` alone is `F * r` floats per user, ~18 KB at SmolLM2's size).
+        pair_keys (`Sequence[str]`, *optional*): a name of each row of `pairs` that seeds its latents (see the
+            module docstring); defaults to a hash of the row's posteriors. [`align_users`] passes a hash of the
+            pair's texts, which every process of a fan-out computes alike.
 
     Example:
 
@@ -317,6 +439,7 @@ class MultiUserLatentDPOTrainer:
         *,
         preference_embeddings: Mapping[str, PreferenceEmbedding] | None = None,
         users_per_batch: int = DEFAULT_USERS_PER_BATCH,
+        pair_keys: Sequence[str] | None = None,
     ):
         _check_config(args)
         if not isinstance(users_per_batch, int) or isinstance(users_per_batch, bool) or users_per_batch < 1:
@@ -373,6 +496,12 @@ class MultiUserLatentDPOTrainer:
         gap = self.table["chosen_mean"] - self.table["rejected_mean"]
         spread = 0.5 * (self.table["chosen_logvar"].exp() + self.table["rejected_logvar"].exp())
         self._row_separation = (gap.pow(2) / spread.clamp(min=1e-12)).sum(-1).sqrt()  # (N,)
+        if pair_keys is None:
+            pair_keys = table_pair_keys(self.table)
+        elif len(pair_keys) != num_rows or not all(isinstance(key, str) for key in pair_keys):
+            raise ValueError(f"`pair_keys` must give one string per row of the pair table ({num_rows} rows).")
+        self._pair_keys = list(pair_keys)
+        self._epoch_span = max(self._total_steps(len(user.rows)) for user in self.users) + 1  # > any epoch index
         self.log_history: list[dict[str, float]] = []
         self.embeddings: dict[str, PreferenceEmbedding] = {}
 
@@ -399,47 +528,70 @@ class MultiUserLatentDPOTrainer:
             return self.args.max_steps
         return math.ceil(self.args.num_train_epochs * per_epoch)
 
-    def _batches(self, users: list[_User], width: int, steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the pair table for every user and step, `(C, T, width)`, and the mask of real (unpadded) ones."""
+    def _latent_seed(self, row: int, epoch: int) -> int:
+        return latent_seed(self.args.seed, self._pair_keys[row], epoch)
+
+    def _batches(
+        self, users: list[_User], width: int, steps: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of the pair table for every user and step, `(C, T, width)`, the mask of real (unpadded) ones, and the
+        epoch each user's step belongs to, `(C, T)`."""
         batch = self.args.per_device_train_batch_size
         shuffle_seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         rows = torch.zeros(len(users), max(steps, default=0), width, dtype=torch.long)
         mask = torch.zeros(rows.shape, dtype=torch.bool)
+        epoch_of_step = torch.zeros(rows.shape[:2], dtype=torch.long)
         for index, (user, total) in enumerate(zip(users, steps, strict=True)):
             if total == 0:
                 continue
             count = len(user.rows)
             per_epoch = math.ceil(count / batch)
             generator = torch.Generator().manual_seed(user_seed(shuffle_seed, user.user_id, "shuffle"))
-            epochs = []
-            for _ in range(math.ceil(total / per_epoch)):
-                padded = torch.full((per_epoch * batch,), -1, dtype=torch.long)
-                padded[:count] = torch.randperm(count, generator=generator)
-                epochs.append(padded.view(per_epoch, batch)[:, :width])  # (per_epoch, width): one epoch's batches
-            positions = torch.cat(epochs)[:total]  # (T_u, width), -1 where a batch is shorter
+            num_epochs = math.ceil(total / per_epoch)
+            # One permutation per epoch: the ranks of uniform draws, `torch.rand((epochs, n)).argsort(dim=-1, stable=True)`
+            padded = torch.full((num_epochs, per_epoch * batch), -1, dtype=torch.long)
+            padded[:, :count] = torch.rand((num_epochs, count), generator=generator).argsort(dim=-1, stable=True)
+            positions = padded.view(num_epochs * per_epoch, batch)[:total, :width]  # (T_u, width), -1 past a batch
             real = positions >= 0
             rows[index, :total] = user.rows[positions.clamp(min=0)]
             mask[index, :total] = real
-        return rows, mask
+            epoch_of_step[index, :total] = torch.arange(total) // per_epoch
+        return rows, mask, epoch_of_step
 
     def _initial_parameters(self, config: PreferenceEmbeddingConfig, users: list[_User]) -> StackedPreferenceEmbedding:
         stack = StackedPreferenceEmbedding(config, len(users))
         generator = torch.Generator().manual_seed(self.args.seed)
         # What LatentDPOTrainer's `torch.manual_seed(seed); PreferenceEmbedding(...)` draws for `down`.
         down = torch.randn(config.feature_dim, config.rank, generator=generator) / math.sqrt(config.feature_dim)
+        new = [index for index, user in enumerate(users) if user.start is None]
         with torch.no_grad():
             for index, user in enumerate(users):
                 if user.start is not None:
                     for name in ("bias", "down", "up"):
                         getattr(stack, name)[index] = getattr(user.start, name).detach().float()
-                    continue
-                stack.down[index] = down
-                if self.args.prior_init == "pairs":
-                    rows = user.rows
-                    chosen = DiagonalGaussian(self.table["chosen_mean"][rows], self.table["chosen_logvar"][rows])
-                    rejected = DiagonalGaussian(self.table["rejected_mean"][rows], self.table["rejected_logvar"][rows])
-                    stack.bias[index] = constant_prior_bias(*pairs_mean_difference(chosen, rejected), config)
+            if new:
+                stack.down[new] = down
+            if new and self.args.prior_init == "pairs":
+                stack.bias[new] = constant_prior_bias(*self._pairs_mean_difference([users[i] for i in new]), config)
         return stack
+
+    def _pairs_mean_difference(self, users: list[_User]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pairs_mean_difference` of each user's pairs at once: `(U, Z)`, `(U, Z)` (segment sums over the rows)."""
+        owner = torch.cat([torch.full((len(user.rows),), index) for index, user in enumerate(users)])
+        rows = torch.cat([user.rows for user in users])
+
+        def precision_weighted(side: str) -> tuple[torch.Tensor, torch.Tensor]:
+            mean, logvar = self.table[f"{side}_mean"][rows], self.table[f"{side}_logvar"][rows]  # (R, Z)
+            precision = torch.exp(-logvar)
+            total = torch.zeros(len(users), mean.shape[1]).index_add_(0, owner, precision)
+            weights = precision / total[owner]
+            user_mean = torch.zeros_like(total).index_add_(0, owner, weights * mean)
+            spread = (mean - user_mean[owner]).pow(2)
+            variance = torch.zeros_like(total).index_add_(0, owner, weights * (torch.exp(logvar) + spread))
+            return user_mean, variance
+
+        mean, variance = precision_weighted("chosen")
+        return mean - precision_weighted("rejected")[0], variance
 
     # ------------------------------------------------------------------
     # Training
@@ -498,12 +650,11 @@ class MultiUserLatentDPOTrainer:
         counts = [len(user.rows) for user in users]
         steps = [self._total_steps(count) for count in counts]
         width = min(args.per_device_train_batch_size, max(counts))
-        rows, mask = self._batches(users, width, steps)
+        rows, mask, epochs = self._batches(users, width, steps)
         total_steps = max(steps)
         stack = self._initial_parameters(config, users).to(device)
         table = {name: tensor.to(device) for name, tensor in self.table.items()}
         samples, latent_dim = args.num_latent_samples, config.latent_dim
-        noise_generators = [torch.Generator().manual_seed(user_seed(args.seed, u.user_id, "noise")) for u in users]
 
         # Trainable parameters, each with AdamW's moments; `down` and `up` are fixed without a prompt-dependent part.
         trainable = ["bias"] + (["down", "up"] if args.prompt_dependent_prior else [])
@@ -528,38 +679,47 @@ class MultiUserLatentDPOTrainer:
             # Users whose steps are done sit out: the step runs on the A active ones
             selected = None if bool(active.all()) else active.nonzero().squeeze(1)
             batch_rows, batch_mask = _pick(rows[:, step], selected), _pick(mask[:, step], selected)  # (A, width)
-            sizes = batch_mask.sum(-1).tolist()
-            # Each user's noise from its own stream, for its real pairs only
-            noise = torch.zeros(len(sizes), width, 3, samples, latent_dim)  # (A, width, 3, M, Z)
-            members = range(num) if selected is None else selected.tolist()
-            for slot, (member, size) in enumerate(zip(members, sizes, strict=True)):
-                own = torch.randn((3, samples, size, latent_dim), generator=noise_generators[member])
-                noise[slot, :size] = own.permute(2, 0, 1, 3)
-            noise = noise.to(device)
-            batch_rows, batch_mask = batch_rows.to(device), batch_mask.to(device)
-            chosen = DiagonalGaussian(table["chosen_mean"][batch_rows], table["chosen_logvar"][batch_rows])
-            rejected = DiagonalGaussian(table["rejected_mean"][batch_rows], table["rejected_logvar"][batch_rows])
-            # The latents as DiagonalGaussian.rsample draws them, laid out pair by pair (A, width, 3, M, Z), which is
-            # the layout the loss works in: handing it the (3M, A, width, Z) view costs no copy.
-            latents = torch.empty_like(noise)
-            latents[:, :, 0] = noise[:, :, 0]
-            latents[:, :, 1] = chosen.mean.unsqueeze(2) + chosen.std.unsqueeze(2) * noise[:, :, 1]
-            latents[:, :, 2] = rejected.mean.unsqueeze(2) + rejected.std.unsqueeze(2) * noise[:, :, 2]
-            latents = latents.flatten(2, 3).movedim(2, 0)  # (3M, A, width, Z)
-            features = table["features"][batch_rows] if prompt_part else None  # (A, width, F)
+            batch_epochs = _pick(epochs[:, step], selected)  # (A,)
+            # The step's entries (user slot, position) and the distinct (pair, epoch) groups they visit: the latents
+            # and kept latent pairs of a group are computed once, for every user who meets them.
+            slot, position = batch_mask.nonzero(as_tuple=True)  # (E,) each
+            visits = batch_rows[slot, position] * self._epoch_span + batch_epochs[slot]
+            keys, group = torch.unique(visits, return_inverse=True)  # (G,), (E,)
+            # Groups in order of their number of entries, so that `_grouped_loss` pads similar sizes together
+            by_size = torch.sort(torch.bincount(group, minlength=len(keys)), stable=True).indices
+            keys, group = keys[by_size], torch.argsort(by_size)[group]
+            group_rows, group_epochs = keys // self._epoch_span, keys % self._epoch_span
+            noise = torch.stack(
+                [
+                    torch.randn(
+                        (3, samples, latent_dim),
+                        generator=torch.Generator().manual_seed(self._latent_seed(int(row), int(epoch))),
+                    )
+                    for row, epoch in zip(group_rows.tolist(), group_epochs.tolist(), strict=True)
+                ]
+            ).to(device)  # (G, 3, M, Z)
+            group_rows = group_rows.to(device)
+            chosen = DiagonalGaussian(table["chosen_mean"][group_rows], table["chosen_logvar"][group_rows])
+            rejected = DiagonalGaussian(table["rejected_mean"][group_rows], table["rejected_logvar"][group_rows])
+            latents = torch.cat(
+                [
+                    noise[:, 0],
+                    chosen.mean.unsqueeze(1) + chosen.std.unsqueeze(1) * noise[:, 1],
+                    rejected.mean.unsqueeze(1) + rejected.std.unsqueeze(1) * noise[:, 2],
+                ],
+                dim=1,
+            )  # (G, 3M, Z), as DiagonalGaussian.rsample draws them
+            kept = kept_latent_pairs(latents, chosen, rejected, beta=args.beta, gap_quantile=args.gap_quantile)
+            features = table["features"][batch_rows.to(device)] if prompt_part else None  # (A, width, F)
             prior = stacked_prior(
                 *(_pick(parameters[name], selected) for name in ("bias", "down", "up")), features, config
-            )
-            loss, metrics = latent_dpo_loss(
-                prior,
-                chosen,
-                rejected,
-                beta=args.beta,
-                gap_quantile=args.gap_quantile,
-                latents=latents,
-                pair_mask=batch_mask,
-            )  # (A,) each
-            loss.sum().backward()  # each user's loss reaches only its own slice
+            )  # (A, width or 1, Z)
+            weights = prior_margin_weights(prior)  # (A, width or 1, 2Z)
+            slot, group = slot.to(device), group.to(device)
+            entry_weights = weights[slot, position.to(device) if prompt_part else 0]  # (E, 2Z)
+            loss, metrics, gradient = _grouped_loss(kept, entry_weights, group, slot, len(batch_rows), args.beta)
+            metrics["pairs/kept"] = metrics["pairs/kept"] / batch_mask.sum(-1).to(device).clamp(min=1)
+            entry_weights.backward(gradient)  # each user's loss reaches only its own slice
             self._optimizer_step(parameters, moments, trainable, active.to(device), updates, scheduler, warmup, total)
             index = torch.arange(num) if selected is None else selected
             history["loss"][index, step] = loss.detach().float().cpu()
@@ -708,8 +868,10 @@ def _read_users(datasets: Mapping[str, Dataset] | Dataset) -> tuple[dict[str, li
 
 def _encode_users(
     pairs_by_user: Mapping[str, list[tuple[Any, str, str]]], latent_cache: LatentCache
-) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    """The latent table of the distinct pairs (each encoded and stored once) and every user's rows of it."""
+) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], list[str]]:
+    """The latent table of the distinct pairs (each encoded and stored once), every user's rows of it, and each
+    row's key: a hash of its texts, which every process of a fan-out computes alike (the posteriors themselves may
+    differ in their last bits between encoding batches)."""
     index: dict[tuple[str, str, str], int] = {}
     unique: list[tuple[Any, str, str]] = []
     rows: dict[str, list[int]] = {}
@@ -725,9 +887,10 @@ def _encode_users(
             own.append(index[key])
         rows[user_id] = own
     if not unique:
-        return {}, rows
+        return {}, rows, []
+    keys = [hashlib.sha256(json.dumps(list(key)).encode()).hexdigest()[:16] for key in index]
     prompts, chosen, rejected = (list(column) for column in zip(*unique, strict=True))
-    return latent_cache.pair_latents(prompts, chosen, rejected), rows
+    return latent_cache.pair_latents(prompts, chosen, rejected), rows, keys
 
 
 def _make_cache(model: PrefAlignForCausalLM, tokenizer: Any, args: LatentDPOConfig, cache: LatentCache | None):
@@ -799,7 +962,7 @@ def align_users(
             `latent_cache` is given).
         latent_cache (`LatentCache`, *optional*): a cache of this backbone to read and fill.
         preference_embeddings (`dict[str, PreferenceEmbedding]`, *optional*): users to continue (warm start).
-        users_per_batch (`int`, *optional*, defaults to 32): users trained together in one stack.
+        users_per_batch (`int`, *optional*, defaults to 4096): users trained together in one stack.
         bank_directory (`str` or `Path`, *optional*): a sharded bank (created if missing) to write the users to as
             they finish, and to resume from.
         num_shards (`int`, *optional*), shard_index (`int`, *optional*): this process's share of the users.
@@ -946,7 +1109,7 @@ def _align_encoded(
     was_training = model.training
     model.eval()
     try:
-        table, rows = _encode_users(pairs_by_user, cache)
+        table, rows, keys = _encode_users(pairs_by_user, cache)
     finally:
         model.train(was_training)
     if not table:
@@ -958,6 +1121,7 @@ def _align_encoded(
         _embedding_config(model, cache.fingerprint, args.prior_rank),
         preference_embeddings=preference_embeddings,
         users_per_batch=users_per_batch,
+        pair_keys=keys,
     )
     return trainer.train(on_stack_end=on_stack_end)
 

@@ -31,7 +31,7 @@ class AlignArguments:
         },
     )
     users_per_batch: int = field(
-        default=32,
+        default=4096,  # many_users.DEFAULT_USERS_PER_BATCH, not imported: the CLI parses its flags without torch
         metadata={
             "help": "When --dataset holds many users (a `user_id` column, or a folder of <user_id>.jsonl files): "
             "users trained together in one batched step; the bank of all of them goes to --output_dir."
