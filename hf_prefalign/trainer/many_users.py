@@ -303,9 +303,10 @@ def _grouped_loss(
     sorted_gradient = torch.zeros_like(weights)
     for first, last in _chunks(members.tolist(), width):
         entries = slice(bounds[first], bounds[last])
-        rows, columns = sorted_group[entries] - first, column[entries]
-        laid_out = weights.new_zeros(last - first, int(members[first:last].max()), weights.shape[-1])
-        laid_out[rows, columns] = sorted_weights[entries]  # (g, n, 2Z)
+        widest = int(members[last - 1])  # groups are in order of size
+        place = (sorted_group[entries] - first) * widest + column[entries]  # each entry's (group, column), flat
+        laid_out = weights.new_zeros((last - first) * widest, weights.shape[-1])
+        laid_out = laid_out.index_copy_(0, place, sorted_weights[entries]).view(last - first, widest, -1)  # (g, n, 2Z)
         if laid_out.shape[1] >= _FEATURES_FROM:  # many entries per group: per-pair features, shared by them
             features = kept.features(first, last)  # (g, k, 2Z)
             margins = torch.bmm(laid_out, features.transpose(1, 2))  # (g, n, k): -beta * rho gap, per kept pair
@@ -319,11 +320,14 @@ def _grouped_loss(
             margins = (rho.gather(-1, index_a) - rho.gather(-1, index_b)).mul_(pair_scale)
         # Padded kept pairs have margin 0 (zero scale): softplus(0) = log 2 each, subtracted; 0 elsewhere.
         padding = (width - count[first:last]).mul_(math.log(2.0)).unsqueeze(-1)  # (g, 1)
-        sums[entries] = (torch.logaddexp(margins, margins.new_zeros(())).sum(-1) - padding)[rows, columns]
-        margin_sums[entries] = margins.sum(-1)[rows, columns]
-        right[entries] = (margins < 0).sum(-1).to(dtype)[rows, columns]
-        scale = weights.new_zeros(laid_out.shape[:2])  # (g, n): each real entry's coefficient, 0 on padding
-        scale[rows, columns] = sorted_coefficient[entries]
+        # softplus(m) = relu(m) + log1p(exp(-|m|)): exact and stable, and cheaper on the CPU than logaddexp
+        softplus = torch.relu(margins).sum(-1) + margins.abs().neg_().exp_().log1p_().sum(-1)
+        sums[entries] = (softplus - padding).flatten()[place]
+        margin_sums[entries] = margins.sum(-1).flatten()[place]
+        right[entries] = (margins < 0).sum(-1).flatten()[place].to(dtype)
+        # (g, n): each real entry's coefficient, 0 on padding
+        scale = weights.new_zeros(laid_out.shape[0] * widest).index_copy_(0, place, sorted_coefficient[entries])
+        scale = scale.view(laid_out.shape[:2])
         slopes = torch.sigmoid_(margins).mul_(scale.unsqueeze(-1))  # d loss / d margin
         if laid_out.shape[1] >= _FEATURES_FROM:
             grad_laid_out = torch.bmm(slopes, features)
@@ -331,7 +335,7 @@ def _grouped_loss(
             slopes.mul_(pair_scale)  # d loss / d rho_a, and minus d loss / d rho_b
             grad_rho = torch.zeros_like(rho).scatter_add_(-1, index_a, slopes).scatter_add_(-1, index_b, slopes.neg_())
             grad_laid_out = torch.bmm(grad_rho, terms)
-        sorted_gradient[entries] = grad_laid_out[rows, columns]  # (e, 2Z)
+        sorted_gradient[entries] = grad_laid_out.flatten(0, 1).index_select(0, place)  # (e, 2Z)
     gradient = torch.empty_like(sorted_gradient)
     gradient[by_group] = sorted_gradient
     slot = slot[by_group]  # the sums are in group order too
