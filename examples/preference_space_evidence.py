@@ -733,6 +733,7 @@ def main() -> None:
             "perplexity_ratio": figures["perplexity"] / generated["base"]["perplexity"],
             "distinct_2": figures["distinct_2"],
             "ended_naturally": figures["ended_naturally"],
+            "mean_words": figures["mean_words"],  # beside perplexity: near-empty answers pass a perplexity budget
             "example": figures["texts"][0],
         }
     results["test"] = {
@@ -840,21 +841,22 @@ def render(results: dict) -> str:
         "",
     ]
     lines += [
-        "| user | method | reward (base) | gain +- SE | gain / SE | gain / base SD | perplexity vs base | distinct-2 | ended naturally |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| user | method | reward (base) | gain +- SE | gain / SE | gain / base SD | perplexity vs base | distinct-2 | ended naturally | mean words |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for user, methods in results["test"]["users"].items():
         for method, f in methods.items():
             lines.append(
                 f"| {user} | {method} | {f['reward']['mean']:.3f} ({f['base_reward']['mean']:.3f}) | {f['gain']:+.3f} +- {f['gain_se']:.3f} | "
-                f"{f['gain_in_se']:+.1f} | {f['gain_in_base_sd']:+.2f} | {100 * (f['perplexity_ratio'] - 1):+.1f}% | {f['distinct_2']:.3f} | {f['ended_naturally']:.2f} |"
+                f"{f['gain_in_se']:+.1f} | {f['gain_in_base_sd']:+.2f} | {100 * (f['perplexity_ratio'] - 1):+.1f}% | {f['distinct_2']:.3f} | {f['ended_naturally']:.2f} | "
+                f"{f.get('mean_words', float('nan')):.1f} |"
             )
     lines += render_validation(results)
     c = results["clap_vs_untrained"]
     base = results["test"]["base"]
     lines += [
         "",
-        f"Base model: perplexity {base['perplexity']:.2f}, distinct-2 {base['distinct_2']:.3f}, answers ended naturally {base['ended_naturally']:.2f}.",
+        f"Base model: perplexity {base['perplexity']:.2f}, distinct-2 {base['distinct_2']:.3f}, answers ended naturally {base['ended_naturally']:.2f}, mean words {base.get('mean_words', float('nan')):.1f}.",
         f"CLaP vs untrained backbone, mean standardised user gain difference: {c['mean_standardised_difference']:+.3f} +- {c['se']:.3f} ({c['in_se']:+.1f} SE).",
         f"Neutral greedy output identical to the base on 8 test prompts: {results['neutral_equals_base']}.",
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_seconds"].items()) + ".",

@@ -134,3 +134,16 @@ def test_evidence_sampling_resumes_a_killed_run_with_the_same_draws(tmp_path, mo
     assert key != evidence["stage_dir"](tmp_path, Namespace(seed=1, output="a"), backbone)
     assert evidence["cached_stage"](key / "x.json", lambda: {"a": 1}) == {"a": 1}
     assert evidence["cached_stage"](key / "x.json", lambda: pytest.fail("recomputed")) == {"a": 1}
+
+
+def test_evidence_report_renders_a_finished_run(monkeypatch):
+    """The evidence run's last step renders its tables; rendering the recorded one-layer run catches a renderer that
+    would fail after hours of sampling."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    evidence = runpy.run_path(str(EXAMPLES / "preference_space_evidence.py"))
+    results = json.loads((EXAMPLES.parent / "docs" / "preference_space" / "results_single_layer.json").read_text())
+    table = evidence["render"](results)
+    for user, methods in results["test"]["users"].items():
+        for method in methods:
+            assert f"| {user} | {method} |" in table
+    assert "mean words" in table and "Validation sweeps" in table
