@@ -116,7 +116,8 @@ def table_pair_keys(table: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def latent_seed(seed: int, pair_key: str, epoch: int) -> int:
-    """The seed of the latents drawn for a pair (by its key, see `pair_keys`) in a user's epoch `epoch` (from 0)."""
+    """The seed of the latents drawn for a pair (named by `pair_key`: `table_pair_keys`, or the trainer's `pair_keys`)
+    in a user's epoch `epoch` (from 0)."""
     return user_seed(seed, f"{pair_key}/{int(epoch)}", "latents")
 
 
@@ -417,8 +418,8 @@ class MultiUserLatentDPOTrainer:
         preference_embeddings (`dict[str, PreferenceEmbedding]`, *optional*): users to continue instead of starting
             them at `prior_init` (a warm start: weights only, fresh optimizer state).
         users_per_batch (`int`, *optional*, defaults to 4096): users per stack. A step draws the latents of each
-            distinct (pair, epoch) once for its whole stack, so larger stacks are faster where users share pairs (on
-            the many-users benchmark, one core: 118 users/s at 256, 331 at 1,000, 417 at 4,096); memory grows
+            distinct (pair, epoch) once for its whole stack, so larger stacks are faster where users share pairs (the
+            many-users benchmark at U = 10,000, one core: 118 users/s at 256, 312 at 1,000, 434 at 4,096); memory grows
             with it by the stack's parameters (`down` alone is `F * r` floats per user, ~18 KB at SmolLM2's size).
         pair_keys (`Sequence[str]`, *optional*): a name of each row of `pairs` that seeds its latents (see the
             module docstring); defaults to a hash of the row's posteriors. [`align_users`] passes a hash of the
