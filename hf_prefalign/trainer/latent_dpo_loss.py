@@ -95,6 +95,21 @@ def _gap_threshold(size: torch.Tensor, quantile: float) -> torch.Tensor | None:
     return torch.lerp(low, order_statistic(above), rank - below)
 
 
+def _kept_gaps(
+    z: torch.Tensor, chosen: DiagonalGaussian, rejected: DiagonalGaussian, gap_quantile: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward gaps r(z_a) - r(z_b) of each pair's unordered latent pairs `(..., B, K)`, from its latents
+    `(..., B, 3M, Z)`, and which of them are kept: a positive size at or above the pair's `gap_quantile`."""
+    reward = torch.sigmoid(_log_density_ratio(z, chosen, rejected))  # (..., B, 3M)
+    gaps = _pairwise_differences(reward)
+    size = gaps.abs()
+    keep = size > 0
+    threshold = _gap_threshold(size, gap_quantile)  # (..., B, 1)
+    if threshold is not None:
+        keep &= size >= threshold
+    return gaps, keep
+
+
 @dataclass
 class KeptLatentPairs:
     """The kept latent pairs of G preference pairs, as what their DPO margins need from the latents.
@@ -162,13 +177,7 @@ def kept_latent_pairs(
     """
     with torch.no_grad():
         z = latents.float()
-        reward = torch.sigmoid(_log_density_ratio(z, chosen, rejected))  # (G, 3M)
-        gaps = _pairwise_differences(reward)  # (G, K)
-        size = gaps.abs()
-        keep = size > 0
-        threshold = _gap_threshold(size, gap_quantile)
-        if threshold is not None:
-            keep &= size >= threshold
+        gaps, keep = _kept_gaps(z, chosen, rejected, gap_quantile)  # (G, K) each
         count = keep.sum(-1)  # (G,)
         width = int(count.max()) if count.numel() else 0
         # Each group's kept pairs first (in pair order), cut to the largest count: (G, k)
@@ -242,13 +251,7 @@ def latent_dpo_loss(
                 f"`latents` must have shape (3M, *{tuple(chosen.mean.shape)}), got {tuple(latents.shape)}."
             )
         z = latents.float().movedim(0, -2).contiguous()  # (..., B, 3M, Z): each pair's latents together
-        reward = torch.sigmoid(_log_density_ratio(z, chosen, rejected))  # (..., B, 3M)
-        gaps = _pairwise_differences(reward)  # (..., B, K): r(z_a) - r(z_b) for each unordered pair {a, b}
-        size = gaps.abs()
-        keep = size > 0
-        threshold = _gap_threshold(size, gap_quantile)  # (..., B, 1)
-        if threshold is not None:
-            keep &= size >= threshold
+        gaps, keep = _kept_gaps(z, chosen, rejected, gap_quantile)  # (..., B, K) each
         if pair_mask is not None:
             keep &= pair_mask.unsqueeze(-1)
         # -beta where z_a is the preferred latent of the pair, +beta where z_b is: the softplus argument's sign
