@@ -219,10 +219,13 @@ class StackedPreferenceEmbedding(nn.Module):
         """Each user's prior for its own prompt features `(U, B, F)`: mean and logvar `(U, B, Z)`, fp32."""
         return stacked_prior(self.bias, self.down, self.up, features.float(), self.config)
 
-    def embedding(self, index: int, training: dict[str, Any] | None = None) -> PreferenceEmbedding:
-        """User `index` as its own [`PreferenceEmbedding`] (a copy), with `training` as its `config.training`."""
+    def embedding(self, index: int, training: dict[str, Any] | None = None, copy: bool = True) -> PreferenceEmbedding:
+        """User `index` as its own [`PreferenceEmbedding`] with `training` as its `config.training`: a copy, or with
+        `copy=False` a view of this stack's rows (no other user's parameters share them)."""
         config = dataclasses.replace(self.config, training=dict(training or {}))
-        tensors = {name: getattr(self, name)[index].detach().clone() for name in ("bias", "down", "up")}
+        tensors = {name: getattr(self, name).detach()[index] for name in ("bias", "down", "up")}
+        if copy:
+            tensors = {name: tensor.clone() for name, tensor in tensors.items()}
         return PreferenceEmbedding._from_tensors(config, tensors).eval()
 
 
@@ -514,6 +517,7 @@ class MultiUserLatentDPOTrainer:
             raise ValueError(f"`pair_keys` must give one string per row of the pair table ({num_rows} rows).")
         self._pair_keys = list(pair_keys)
         self._epoch_span = max(self._total_steps(len(user.rows)) for user in self.users) + 1  # > any epoch index
+        self._latent_seeds: dict[tuple[int, int], int] = {}
         self.log_history: list[dict[str, float]] = []
         self.embeddings: dict[str, PreferenceEmbedding] = {}
 
@@ -541,33 +545,51 @@ class MultiUserLatentDPOTrainer:
         return math.ceil(self.args.num_train_epochs * per_epoch)
 
     def _latent_seed(self, row: int, epoch: int) -> int:
-        return latent_seed(self.args.seed, self._pair_keys[row], epoch)
+        # Kept: every stack that meets a (pair, epoch) draws the same latents for it
+        if (row, epoch) not in self._latent_seeds:
+            self._latent_seeds[row, epoch] = latent_seed(self.args.seed, self._pair_keys[row], epoch)
+        return self._latent_seeds[row, epoch]
 
     def _batches(
         self, users: list[_User], width: int, steps: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows of the pair table for every user and step, `(C, T, width)`, the mask of real (unpadded) ones, and the
-        epoch each user's step belongs to, `(C, T)`."""
+        epoch each user's step belongs to, `(C, T)`.
+
+        User u's step t is batch `t % per_epoch` of epoch `t // per_epoch` of its own shuffle: one permutation per
+        epoch, the ranks of uniform draws from the user's generator (`torch.rand((epochs, n)).argsort(-1, stable=True)`).
+        Only the draws are per user; the ranks and the batches are computed for the whole stack at once.
+        """
         batch = self.args.per_device_train_batch_size
         shuffle_seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        rows = torch.zeros(len(users), max(steps, default=0), width, dtype=torch.long)
-        mask = torch.zeros(rows.shape, dtype=torch.bool)
-        epoch_of_step = torch.zeros(rows.shape[:2], dtype=torch.long)
-        for index, (user, total) in enumerate(zip(users, steps, strict=True)):
-            if total == 0:
-                continue
-            count = len(user.rows)
-            per_epoch = math.ceil(count / batch)
-            generator = torch.Generator().manual_seed(user_seed(shuffle_seed, user.user_id, "shuffle"))
-            num_epochs = math.ceil(total / per_epoch)
-            # One permutation per epoch: the ranks of uniform draws, `torch.rand((epochs, n)).argsort(dim=-1, stable=True)`
-            padded = torch.full((num_epochs, per_epoch * batch), -1, dtype=torch.long)
-            padded[:, :count] = torch.rand((num_epochs, count), generator=generator).argsort(dim=-1, stable=True)
-            positions = padded.view(num_epochs * per_epoch, batch)[:total, :width]  # (T_u, width), -1 past a batch
-            real = positions >= 0
-            rows[index, :total] = user.rows[positions.clamp(min=0)]
-            mask[index, :total] = real
-            epoch_of_step[index, :total] = torch.arange(total) // per_epoch
+        num, most_steps = len(users), max(steps, default=0)
+        if most_steps == 0:
+            return (
+                torch.zeros(num, 0, width, dtype=torch.long),
+                torch.zeros(num, 0, width, dtype=torch.bool),
+                torch.zeros(num, 0, dtype=torch.long),
+            )
+        counts = torch.tensor([len(user.rows) for user in users])
+        total = torch.tensor(steps)
+        per_epoch = (counts + batch - 1).div(batch, rounding_mode="floor").clamp(min=1)
+        epochs = (total + per_epoch - 1).div(per_epoch, rounding_mode="floor")
+        # Each user's draws, padded past its pairs and epochs with 2 (above any draw): its own ranks come first
+        draws = torch.full((num, int(epochs.max()), int(counts.max())), 2.0)
+        own_rows = torch.zeros(num, draws.shape[-1], dtype=torch.long)
+        for index, (user, count, num_epochs) in enumerate(zip(users, counts.tolist(), epochs.tolist(), strict=True)):
+            own_rows[index, :count] = user.rows
+            if num_epochs:
+                generator = torch.Generator().manual_seed(user_seed(shuffle_seed, user.user_id, "shuffle"))
+                draws[index, :num_epochs, :count] = torch.rand((num_epochs, count), generator=generator)
+        order = draws.argsort(dim=-1, stable=True)  # (C, E, n): each epoch's permutation, then the padding
+        step = torch.arange(most_steps).unsqueeze(0)  # (1, T)
+        taken = step < total.unsqueeze(1)  # (C, T)
+        epoch_of_step = torch.where(taken, step // per_epoch.unsqueeze(1), 0)
+        position = (step % per_epoch.unsqueeze(1)).unsqueeze(-1) * batch + torch.arange(width)  # (C, T, width)
+        mask = (position < counts.view(-1, 1, 1)) & taken.unsqueeze(-1)
+        position = torch.where(mask, position, 0)
+        ranks = order[torch.arange(num).view(-1, 1, 1), epoch_of_step.unsqueeze(-1), position]  # (C, T, width)
+        rows = torch.where(mask, own_rows.gather(1, ranks.flatten(1)).view_as(ranks), 0)
         return rows, mask, epoch_of_step
 
     def _initial_parameters(self, config: PreferenceEmbeddingConfig, users: list[_User]) -> StackedPreferenceEmbedding:
@@ -581,7 +603,9 @@ class MultiUserLatentDPOTrainer:
                 if user.start is not None:
                     for name in ("bias", "down", "up"):
                         getattr(stack, name)[index] = getattr(user.start, name).detach().float()
-            if new:
+            if len(new) == len(users):  # a copy of one matrix into every row, no index
+                stack.down.copy_(down.expand_as(stack.down))
+            elif new:
                 stack.down[new] = down
             if new and self.args.prior_init == "pairs":
                 stack.bias[new] = constant_prior_bias(*self._pairs_mean_difference([users[i] for i in new]), config)
@@ -739,17 +763,16 @@ class MultiUserLatentDPOTrainer:
                 history[key][index, step] = metrics[key].float().cpu()
 
         seconds = time.perf_counter() - start
-        stack = stack.cpu()
+        summaries = self._summaries(users, steps, history)
+        # The users' parameters are views of the trained stack (disjoint rows, so each is its own), not copies:
+        # thousands of small copies cost more than the training steps of a stack.
+        stack = stack.cpu().requires_grad_(False)
         finished = []
-        log_every = args.logging_steps
         for index, user in enumerate(users):
-            total_u = steps[index]
-            window = max(1, math.ceil(total_u * log_every) if log_every < 1 else int(log_every))
-            accuracy = history["rewards/accuracy"][index, :total_u]
             record: dict[str, Any] = {
                 "method": "latent-dpo",
                 "pairs": counts[index],
-                "steps": total_u,
+                "steps": steps[index],
                 "epochs": args.num_train_epochs,
                 "beta": args.beta,
                 "learning_rate": args.learning_rate,
@@ -758,16 +781,12 @@ class MultiUserLatentDPOTrainer:
                 "prior_init": args.prior_init,
                 "prompt_dependent_prior": args.prompt_dependent_prior,
                 "train_seconds": round(seconds / num, 4),
-                "posterior_separation": round(float(self._row_separation[user.rows].mean()), 4),
                 "users_in_run": len(self.users),
+                **summaries[index],
             }
-            if total_u:
-                record["final_loss"] = float(history["loss"][index, :total_u].mean())
-                record["rewards_accuracy_first_log"] = round(float(accuracy[:window].mean()), 4)
-                record["rewards_accuracy_last_log"] = round(float(accuracy[-window:].mean()), 4)
             if user.start is not None:
                 record["warm_start"] = True
-            finished.append((user.user_id, stack.embedding(index, record)))
+            finished.append((user.user_id, stack.embedding(index, record, copy=False)))
         ran = ~torch.isnan(history["loss"])
         self.log_history.append(
             {
@@ -787,6 +806,41 @@ class MultiUserLatentDPOTrainer:
             )
         )
         return finished
+
+    def _summaries(
+        self, users: list[_User], steps: list[int], history: dict[str, torch.Tensor]
+    ) -> list[dict[str, float]]:
+        """Each user's `posterior_separation`, `final_loss` (mean loss over its steps) and `rewards/accuracy` over its
+        first and last logging windows, computed for the whole stack at once (float64)."""
+        num, width = history["loss"].shape
+        total = torch.tensor(steps, dtype=torch.float64).unsqueeze(1)  # (U, 1)
+        position = torch.arange(width, dtype=torch.float64).unsqueeze(0)  # (1, T)
+        log_every = self.args.logging_steps
+        window = (total * log_every).ceil() if log_every < 1 else torch.full_like(total, int(log_every))
+        window = window.clamp(min=1).minimum(total)
+
+        def mean_over(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> list[float]:
+            # where, not a product: a NaN outside the mask (a step the user did not take) must not spread
+            return (torch.where(mask, values.double(), 0.0).sum(1, keepdim=True) / count).squeeze(1).tolist()
+
+        ran = position < total
+        final_loss = mean_over(history["loss"], ran, total)
+        accuracy = history["rewards/accuracy"]
+        first = mean_over(accuracy, position < window, window)
+        last = mean_over(accuracy, ran & (position >= total - window), window)
+        owner = torch.cat([torch.full((len(user.rows),), index) for index, user in enumerate(users)])
+        separation = self._row_separation[torch.cat([user.rows for user in users])].double()
+        pairs = torch.tensor([len(user.rows) for user in users], dtype=torch.float64).clamp(min=1)
+        separation = (torch.zeros(num, dtype=torch.float64).index_add_(0, owner, separation) / pairs).tolist()
+        summaries = []
+        for index in range(num):
+            summary = {"posterior_separation": round(separation[index], 4)}
+            if steps[index]:
+                summary["final_loss"] = final_loss[index]
+                summary["rewards_accuracy_first_log"] = round(first[index], 4)
+                summary["rewards_accuracy_last_log"] = round(last[index], 4)
+            summaries.append(summary)
+        return summaries
 
     def _optimizer_step(
         self,
