@@ -372,6 +372,13 @@ class _User:
     start: PreferenceEmbedding | None  # a warm start, or None for a new user
 
 
+def _stacked_rows(users: list[_User]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All users' rows of the pair table end to end, `(R,)`, and the index of the user each belongs to, `(R,)`: the
+    segments for per-user sums (`index_add_`)."""
+    owner = torch.cat([torch.full((len(user.rows),), index) for index, user in enumerate(users)])
+    return owner, torch.cat([user.rows for user in users])
+
+
 def _pair_table(pairs: Dataset | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The latent columns as fp32 tensors, checked for presence and matching lengths."""
     if isinstance(pairs, Dataset):
@@ -613,8 +620,7 @@ class MultiUserLatentDPOTrainer:
 
     def _pairs_mean_difference(self, users: list[_User]) -> tuple[torch.Tensor, torch.Tensor]:
         """`pairs_mean_difference` of each user's pairs at once: `(U, Z)`, `(U, Z)` (segment sums over the rows)."""
-        owner = torch.cat([torch.full((len(user.rows),), index) for index, user in enumerate(users)])
-        rows = torch.cat([user.rows for user in users])
+        owner, rows = _stacked_rows(users)
 
         def precision_weighted(side: str) -> tuple[torch.Tensor, torch.Tensor]:
             mean, logvar = self.table[f"{side}_mean"][rows], self.table[f"{side}_logvar"][rows]  # (R, Z)
@@ -828,8 +834,8 @@ class MultiUserLatentDPOTrainer:
         accuracy = history["rewards/accuracy"]
         first = mean_over(accuracy, position < window, window)
         last = mean_over(accuracy, ran & (position >= total - window), window)
-        owner = torch.cat([torch.full((len(user.rows),), index) for index, user in enumerate(users)])
-        separation = self._row_separation[torch.cat([user.rows for user in users])].double()
+        owner, rows = _stacked_rows(users)
+        separation = self._row_separation[rows].double()
         pairs = torch.tensor([len(user.rows) for user in users], dtype=torch.float64).clamp(min=1)
         separation = (torch.zeros(num, dtype=torch.float64).index_add_(0, owner, separation) / pairs).tolist()
         summaries = []
