@@ -210,22 +210,31 @@ def run_quickstart(config: QuickstartConfig, echo=print) -> dict[str, Any]:
     ended = dict.fromkeys(columns, 0)  # answers that stopped on their own, before `max_new_tokens`
     stop_ids = _stop_token_ids(model, tokenizer)
     heldout = prompts.select(range(num_train, config.num_prompts))
-    for row in heldout:
-        ids = torch.tensor([tokenize_prompt(tokenizer, row["prompt"])] * len(columns), device=model.device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            preference_id=columns,
-            do_sample=False,
-            no_repeat_ngram_size=4,  # greedy decoding of a 135M model loops otherwise; the same for every column
-            max_new_tokens=config.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        new_tokens = out[:, ids.shape[1] :]
-        decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        stopped = torch.isin(new_tokens, stop_ids.to(new_tokens.device)).any(dim=1).tolist()
+    # Every prompt x column in one left-padded batch: one decoding loop instead of one per prompt.
+    encoded = [tokenize_prompt(tokenizer, row["prompt"]) for row in heldout]
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded) * len(columns), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for index, prompt_ids in enumerate(encoded):
+        rows = slice(index * len(columns), (index + 1) * len(columns))
+        ids[rows, width - len(prompt_ids) :] = torch.tensor(prompt_ids)
+        mask[rows, width - len(prompt_ids) :] = 1
+    out = model.generate(
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        preference_id=columns * len(encoded),
+        do_sample=False,
+        no_repeat_ngram_size=4,  # greedy decoding of a 135M model loops otherwise; the same for every column
+        max_new_tokens=config.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    new_tokens = out[:, width:]
+    decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    stopped = torch.isin(new_tokens, stop_ids.to(new_tokens.device)).any(dim=1).tolist()
+    for index, row in enumerate(heldout):
         echo(f"\n### {row['prompt'][-1]['content']}")
-        for column, text, stop in zip(columns, decoded, stopped, strict=True):
+        rows = slice(index * len(columns), (index + 1) * len(columns))
+        for column, text, stop in zip(columns, decoded[rows], stopped[rows], strict=True):
             texts[column].append(text.strip())
             ended[column] += int(stop)
             echo(f"  [{column or 'neutral'}] {text.strip()}")
