@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from hf_prefalign import PrefAlignForCausalLM
 from hf_prefalign.data import DataCollatorForResponseGroups
 from hf_prefalign.distributions import DiagonalGaussian
+from hf_prefalign.models.prefalign.modeling_prefalign import FISHER_KEY
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer import CLaPConfig, CLaPTrainer
 from hf_prefalign.trainer.clap_losses import (
@@ -645,6 +646,8 @@ def test_best_checkpoint_restores_the_trained_base_too(tmp_path):
     assert trainer.state.best_model_checkpoint == str(best)
     saved_latent = load_file(str(best / "model.safetensors"))
     for name, tensor in trainer.model.latent_state_dict().items():
+        if name == FISHER_KEY:  # measured after training, on the restored best model: no checkpoint holds it
+            continue
         torch.testing.assert_close(tensor, saved_latent[name], rtol=0, atol=0, msg=f"{name} is not the best one")
     saved_base = {}
     for shard in sorted((best / "base_model").glob("*.safetensors")):

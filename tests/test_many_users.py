@@ -35,8 +35,10 @@ from hf_prefalign import (
     update_user,
 )
 from hf_prefalign.distributions import DiagonalGaussian
+from hf_prefalign.models.prefalign.latent_metric import quadratic_kl
 from hf_prefalign.preference.personalisation import pairs_mean_difference, set_constant_prior
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
+from hf_prefalign.trainer.departure import scale_to_target_kl
 from hf_prefalign.trainer.latent_dpo_loss import kept_latent_pairs, latent_dpo_loss, prior_margin_weights
 from hf_prefalign.trainer.many_users import latent_seed, table_pair_keys, user_seed
 from hf_prefalign.utils.sharding import shard_of
@@ -400,6 +402,37 @@ def test_both_margin_paths_train_each_user_as_alone(tmp_path, monkeypatch, featu
     bank = MultiUserLatentDPOTrainer(args, table, USERS, EMBEDDING_CONFIG).train()
     for user, rows in USERS.items():
         _assert_same_embedding(bank.get(user), _train_alone(args, table, user, rows), user)
+
+
+@pytest.mark.parametrize("prompt_dependent", [False, True])
+def test_target_kl_scales_every_user_as_alone(tmp_path, prompt_dependent):
+    """With `target_kl` and a latent metric, each user's mean is the untargeted one scaled to that departure, as
+    LatentDPOTrainer scales a user trained alone (trainer/departure.py)."""
+    table = _table()
+    root = torch.randn(LATENT, LATENT, generator=torch.Generator().manual_seed(7))
+    fisher = root @ root.T / LATENT  # any positive definite metric
+    free_args = _config(tmp_path, prompt_dependent_prior=prompt_dependent)
+    args = _config(tmp_path, prompt_dependent_prior=prompt_dependent, target_kl=0.02)
+    free = MultiUserLatentDPOTrainer(free_args, table, USERS, EMBEDDING_CONFIG).train()
+    scaled = MultiUserLatentDPOTrainer(args, table, USERS, EMBEDDING_CONFIG, latent_fisher=fisher).train()
+    for user, rows in USERS.items():
+        alone = _train_alone(free_args, table, user, rows)
+        record = scale_to_target_kl(alone, fisher, 0.02, table["features"][rows])
+        _assert_same_embedding(scaled.get(user), alone, user)
+        training = scaled.get(user).config.training
+        assert training["departure_scale"] == pytest.approx(record["departure_scale"], rel=1e-4)
+        assert training["target_kl"] == 0.02 and record["departure_scale"] != pytest.approx(1.0)
+        with torch.no_grad():
+            means = scaled.get(user)(table["features"][rows]).mean
+        assert float(quadratic_kl(means, fisher).mean()) == pytest.approx(0.02, rel=1e-4)
+        torch.testing.assert_close(
+            means,
+            record["departure_scale"] * free.get(user)(table["features"][rows]).mean.detach(),
+            rtol=1e-4,
+            atol=1e-6,
+        )
+    with pytest.raises(ValueError, match="latent_fisher"):
+        MultiUserLatentDPOTrainer(args, table, USERS, EMBEDDING_CONFIG, latent_fisher=torch.eye(LATENT + 1))
 
 
 def test_a_users_embedding_does_not_depend_on_the_other_users(tmp_path):

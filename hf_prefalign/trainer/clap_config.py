@@ -67,6 +67,14 @@ class CLaPConfig(TrainingArguments):
         latent_init_max_prompts (`int`, *optional*, defaults to 256):
             Prompts of the training pool the start reads (`None`: all).
 
+    > Latent metric
+
+    Args:
+        latent_metric_prompts (`int`, *optional*, defaults to 8):
+            After training, the responses of this many prompts of the training pool measure the Fisher metric of z
+            (`PrefAlignForCausalLM.latent_fisher`: 1/2 z^T F z is the per-token KL of z from the base), which
+            `LatentDPOConfig.target_kl` uses to put every user at the same departure from the base. 0 skips it.
+
     > Model
 
     Args:
@@ -157,6 +165,11 @@ class CLaPConfig(TrainingArguments):
     latent_init_max_prompts: int | None = field(
         default=256, metadata={"help": "Prompts of the training pool the PCA start reads (None: all)."}
     )
+    # Latent metric
+    latent_metric_prompts: int = field(
+        default=8,
+        metadata={"help": "Prompts whose responses measure the Fisher metric of z after training (0: skip)."},
+    )
     # Model
     freeze_base: bool = field(default=True, metadata={"help": "Train only the latent encoder and adapter."})
     gradient_skip_path: bool = field(
@@ -216,6 +229,8 @@ class CLaPConfig(TrainingArguments):
             raise ValueError(
                 f"`latent_init_max_prompts` must be positive or None, got {self.latent_init_max_prompts}."
             )
+        if self.latent_metric_prompts < 0:
+            raise ValueError(f"`latent_metric_prompts` must be >= 0, got {self.latent_metric_prompts}.")
         if self.too_few_responses not in ("skip", "error"):
             raise ValueError(f"`too_few_responses` must be 'skip' or 'error', got {self.too_few_responses!r}.")
         for name in ("nll_weight", "kl_weight", "contrastive_weight"):

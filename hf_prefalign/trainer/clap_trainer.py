@@ -21,6 +21,7 @@ from ..hub.model_card import add_tags, backbone_card, write_card
 from ..hub.transfer import push_folder
 from ..integrations import load_default_base
 from ..models.prefalign.hidden_state_encoder import HiddenStateEncoder
+from ..models.prefalign.latent_metric import latent_fisher
 from ..models.prefalign.likelihood import positions_to_score
 from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
 from ..utils.constants import BASE_MODEL_SUBFOLDER, EMBEDDED_DEFAULT_BASE, README_NAME, WEIGHTS_NAME
@@ -419,6 +420,9 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         init_summary = self._init_latent_space(resuming=bool(resume_from_checkpoint))
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         seconds = time.perf_counter() - start
+        metric_start = time.perf_counter()
+        fisher = self.estimate_latent_metric()
+        metric_seconds = time.perf_counter() - metric_start
         dataset = self.train_dataset
         logs = [
             log for log in self.state.log_history if "loss/nll" in log and not any(k.startswith("eval_") for k in log)
@@ -433,6 +437,13 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
             "train_seconds": round(seconds, 1),
             "settings": {key: getattr(self.args, key) for key in self._SUMMARY_SETTINGS},
             "latent_init": init_summary,
+            "latent_metric": None
+            if fisher is None
+            else {
+                "prompts": min(self.args.latent_metric_prompts, len(dataset)),
+                "trace": round(float(fisher.trace()), 4),
+                "seconds": round(metric_seconds, 1),
+            },
             "final_metrics": {
                 key: round(value, 4)
                 for key, value in final.items()
@@ -440,6 +451,17 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
             },
         }
         return output
+
+    def estimate_latent_metric(self, num_prompts: int | None = None) -> torch.Tensor | None:
+        """Measure the Fisher metric of z on the first `num_prompts` prompts of the training pool (default:
+        `args.latent_metric_prompts`) and store it in the backbone, which saves it; returns it (`None` when there is
+        nothing to measure on). `train` calls it after the last step; [`estimate_latent_metric`] does the same for a
+        backbone trained without it."""
+        num_prompts = self.args.latent_metric_prompts if num_prompts is None else num_prompts
+        if self.train_dataset is None:
+            return None
+        backbone: PrefAlignForCausalLM = self.accelerator.unwrap_model(self.model)
+        return _measure_latent_metric(backbone, self.train_dataset, self.data_collator, num_prompts, self.args.seed)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         metrics = super().evaluate(*args, **kwargs)
@@ -574,4 +596,73 @@ class CLaPTrainer(CollectedMetricsMixin, Trainer):
         logger.info(f"Restored the backbone from {os.fspath(directory)}.")
 
 
-__all__ = ["CLaPTrainer"]
+def _measure_latent_metric(
+    backbone: PrefAlignForCausalLM, groups: Dataset, collator: Any, num_prompts: int, seed: int
+) -> torch.Tensor | None:
+    """The per-token Fisher metric of z over the responses of the first `num_prompts` tokenized prompt groups,
+    stored in `backbone.latent_adapter.fisher`."""
+    if num_prompts <= 0 or len(groups) == 0:
+        return None
+    was_training = backbone.training
+    backbone.eval()
+    generator = torch.Generator(device=backbone.device).manual_seed(seed)
+    total, positions = None, 0
+    try:
+        for index in range(min(num_prompts, len(groups))):
+            batch = collator([groups[index]])  # one prompt's responses (at most `responses_per_step`)
+            labels = batch["labels"].to(backbone.device)
+            fisher_sum, count = latent_fisher(
+                backbone,
+                batch["input_ids"].to(backbone.device),
+                batch["attention_mask"].to(backbone.device),
+                labels != -100,
+                generator=generator,
+            )
+            total = fisher_sum if total is None else total + fisher_sum
+            positions += count
+    finally:
+        backbone.train(was_training)
+    if total is None or positions == 0:
+        return None
+    fisher = total / positions
+    backbone.latent_adapter.fisher.copy_(fisher)
+    return fisher
+
+
+def estimate_latent_metric(
+    model: PrefAlignForCausalLM,
+    pool: Dataset,
+    processing_class: PreTrainedTokenizerBase,
+    *,
+    num_prompts: int = 8,
+    responses_per_prompt: int = 8,
+    seed: int = 0,
+) -> torch.Tensor | None:
+    """Measure the Fisher metric of z of a trained backbone (frozen or not) on a response pool and store it in the
+    backbone (`model.latent_fisher`; `save_pretrained` then saves it): what `CLaPTrainer.train` does after its last
+    step, for a backbone trained before the metric existed. No training step runs.
+
+    Args:
+        model (`PrefAlignForCausalLM`): the backbone.
+        pool (`datasets.Dataset`): a response pool (`prompt`, `responses`), e.g. the one CLaP trained on.
+        processing_class (`PreTrainedTokenizerBase`): the backbone's tokenizer.
+        num_prompts (`int`, *optional*, defaults to 8): prompts of `pool` whose responses measure it.
+        responses_per_prompt (`int`, *optional*, defaults to 8): responses of each prompt (a seeded subset).
+        seed (`int`, *optional*, defaults to 0): for the subset and the token draws.
+
+    Returns:
+        The `(Z, Z)` metric, or `None` when `num_prompts` is 0.
+    """
+    if num_prompts < 0:
+        raise ValueError(f"`num_prompts` must be >= 0, got {num_prompts}.")
+    if processing_class.pad_token_id is None:
+        processing_class.pad_token = processing_class.eos_token
+    args = CLaPConfig(output_dir="latent-metric", report_to=[], contrastive_weight=0.0)
+    groups = CLaPTrainer._prepare_dataset(pool, processing_class, args, "metric")
+    collator = DataCollatorForResponseGroups(
+        pad_token_id=processing_class.pad_token_id, max_responses=responses_per_prompt, seed=seed
+    )
+    return _measure_latent_metric(model, groups, collator, num_prompts, seed)
+
+
+__all__ = ["CLaPTrainer", "estimate_latent_metric"]

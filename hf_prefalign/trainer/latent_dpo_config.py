@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
@@ -73,6 +74,12 @@ class LatentDPOConfig(DPOConfig):
             0.14 base SDs against the paper recipe's +0.25 +- 0.14 (docs/preference_space.md).
         prior_rank (`int`, *optional*, defaults to 8):
             Rank of the prompt-dependent part of the user's prior.
+        target_kl (`float`, *optional*, defaults to `None`):
+            How far every user departs from the base, in nats per response token: after training, the prior's mean
+            is scaled so that its z costs this much under the backbone's latent metric (1/2 z^T F z, averaged over
+            the user's training prompts; `trainer/departure.py`). Latent DPO then decides the direction of a user
+            and this one number the distance, the same for every user. `None` keeps the scale training left. Needs
+            a backbone whose latent metric was measured (`CLaPTrainer` does it); without one, a warning, no scaling.
         latent_cache_dir (`str`, *optional*):
             Where encoder outputs are cached between runs (default: `<hf_prefalign cache>/latent_cache`; `"none"`
             keeps them in memory only).
@@ -98,6 +105,10 @@ class LatentDPOConfig(DPOConfig):
         metadata={"help": "Train the prompt-dependent part of the prior (False: its constant part only)."},
     )
     prior_rank: int = field(default=8, metadata={"help": "Rank of the prompt-dependent part of the user's prior."})
+    target_kl: float | None = field(
+        default=None,
+        metadata={"help": "Departure of every user from the base in nats per token (None: as trained)."},
+    )
     latent_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache of encoder outputs shared between users ('none': memory only)."}
     )
@@ -148,6 +159,12 @@ class LatentDPOConfig(DPOConfig):
             raise ValueError(f"`prior_init` must be one of {PRIOR_INITS}, got {self.prior_init!r}.")
         if self.prior_rank <= 0:
             raise ValueError(f"`prior_rank` must be positive, got {self.prior_rank}.")
+        if isinstance(self.target_kl, str) and self.target_kl.lower() == "none":
+            self.target_kl = None
+        if self.target_kl is not None and (
+            isinstance(self.target_kl, bool) or not math.isfinite(self.target_kl) or self.target_kl <= 0
+        ):
+            raise ValueError(f"`target_kl` must be a positive number of nats per token or None, got {self.target_kl}.")
         if self.beta <= 0:
             raise ValueError(f"`beta` must be positive, got {self.beta}.")
         if isinstance(self.latent_cache_dir, str) and self.latent_cache_dir.lower() == "none":

@@ -23,6 +23,7 @@ from ..preference.personalisation import pairs_mean_difference, set_constant_pri
 from ..utils.constants import README_NAME, WEIGHTS_NAME
 from ..utils.serialization import load_tensors
 from .checkpoints import resolve_resume
+from .departure import scale_to_target_kl
 from .latent_dpo_config import LatentDPOConfig
 from .latent_dpo_loss import latent_dpo_loss
 from .metrics import CollectedMetricsMixin
@@ -279,7 +280,25 @@ class LatentDPOTrainer(CollectedMetricsMixin, DPOTrainer):
         if logs:  # the implicit reward's accuracy on kept latent pairs, at the first and the last log
             embedding.config.training["rewards_accuracy_first_log"] = round(logs[0]["rewards/accuracy"], 4)
             embedding.config.training["rewards_accuracy_last_log"] = round(logs[-1]["rewards/accuracy"], 4)
+        self._scale_to_target_kl(embedding)
         return output
+
+    def _scale_to_target_kl(self, embedding: PreferenceEmbedding) -> None:
+        """`args.target_kl`: the trained mean scaled to that departure from the base (trainer/departure.py)."""
+        target_kl = self.args.target_kl
+        if target_kl is None:
+            return
+        fisher = self.backbone.latent_fisher
+        if fisher is None:
+            logger.warning(
+                f"target_kl={target_kl} is not applied: the backbone's latent metric was never measured (it was "
+                "trained before the metric existed, or with latent_metric_prompts=0), so the user keeps the scale "
+                "training left. Measure it with `hf_prefalign.trainer.estimate_latent_metric(backbone, pool, "
+                "tokenizer)` and save the backbone, or set target_kl=None."
+            )
+            return
+        features = self.train_dataset[:]["features"]  # (N, F): the user's training prompts
+        embedding.config.training.update(scale_to_target_kl(embedding, fisher, target_kl, features))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir

@@ -62,6 +62,7 @@ from transformers.utils import logging
 from ..data.latent_cache import PAIR_COLUMNS, LatentCache, read_preference_pairs
 from ..distributions import DiagonalGaussian
 from ..integrations import default_cache_dir
+from ..models.prefalign.latent_metric import quadratic_kl
 from ..preference.bank import BANK_INDEX, PreferenceBank, read_bank_index
 from ..preference.bank_shards import (
     DEFAULT_USERS_PER_SHARD,
@@ -76,6 +77,7 @@ from ..utils.locking import lock_is_live
 from ..utils.paths import validate_preference_id
 from ..utils.serialization import resolve_directory
 from ..utils.sharding import resolve_shard_spec, shard_of, shard_tag
+from .departure import departure_scale
 from .latent_dpo_config import LatentDPOConfig
 from .latent_dpo_loss import KeptLatentPairs, kept_latent_pairs, prior_margin_weights
 
@@ -441,6 +443,9 @@ class MultiUserLatentDPOTrainer:
         pair_keys (`Sequence[str]`, *optional*): a name of each row of `pairs` that seeds its latents (see the
             module docstring); defaults to a hash of the row's posteriors. [`align_users`] passes a hash of the
             pair's texts, which every process of a fan-out computes alike.
+        latent_fisher (`torch.Tensor` of shape `(Z, Z)`, *optional*): the backbone's latent metric
+            ([`PrefAlignForCausalLM.latent_fisher`]), which `args.target_kl` needs; each user's mean is then scaled
+            as [`LatentDPOTrainer`] scales it ([`align_users`] passes the backbone's).
 
     Example:
 
@@ -462,6 +467,7 @@ class MultiUserLatentDPOTrainer:
         preference_embeddings: Mapping[str, PreferenceEmbedding] | None = None,
         users_per_batch: int = DEFAULT_USERS_PER_BATCH,
         pair_keys: Sequence[str] | None = None,
+        latent_fisher: torch.Tensor | None = None,
     ):
         _check_config(args)
         if not isinstance(users_per_batch, int) or isinstance(users_per_batch, bool) or users_per_batch < 1:
@@ -527,6 +533,16 @@ class MultiUserLatentDPOTrainer:
         self._latent_seeds: dict[tuple[int, int], int] = {}
         self.log_history: list[dict[str, float]] = []
         self.embeddings: dict[str, PreferenceEmbedding] = {}
+        if latent_fisher is not None and tuple(latent_fisher.shape) != (latent_dim, latent_dim):
+            raise ValueError(
+                f"`latent_fisher` must have shape ({latent_dim}, {latent_dim}), got {tuple(latent_fisher.shape)}."
+            )
+        self.latent_fisher = latent_fisher
+        if args.target_kl is not None and latent_fisher is None:
+            logger.warning(
+                f"target_kl={args.target_kl} is not applied: no latent metric was given (the backbone's was never "
+                "measured; see hf_prefalign.trainer.estimate_latent_metric), so users keep the scale training left."
+            )
 
     # ------------------------------------------------------------------
     # Planning
@@ -773,6 +789,7 @@ class MultiUserLatentDPOTrainer:
         # The users' parameters are views of the trained stack (disjoint rows, so each is its own), not copies:
         # thousands of small copies cost more than the training steps of a stack.
         stack = stack.cpu().requires_grad_(False)
+        departures = self._scale_to_target_kl(stack, users)
         finished = []
         for index, user in enumerate(users):
             record: dict[str, Any] = {
@@ -792,6 +809,8 @@ class MultiUserLatentDPOTrainer:
             }
             if user.start is not None:
                 record["warm_start"] = True
+            if departures is not None:
+                record.update(departures[index])
             finished.append((user.user_id, stack.embedding(index, record, copy=False)))
         ran = ~torch.isnan(history["loss"])
         self.log_history.append(
@@ -812,6 +831,31 @@ class MultiUserLatentDPOTrainer:
             )
         )
         return finished
+
+    @torch.no_grad()
+    def _scale_to_target_kl(self, stack: StackedPreferenceEmbedding, users: list[_User]) -> list[dict] | None:
+        """`args.target_kl`: every user's mean scaled in place, as `LatentDPOTrainer` scales it (trainer/departure.py);
+        returns each user's record, or `None` when there is nothing to apply."""
+        target_kl, fisher = self.args.target_kl, self.latent_fisher
+        if target_kl is None or fisher is None:
+            return None
+        latent_dim = stack.config.latent_dim
+        if bool(stack.up.ne(0).any()):  # a prompt-dependent part: each user's mean over its own training prompts
+            departure = torch.stack(
+                [
+                    quadratic_kl(stack.embedding(i, copy=False)(self.table["features"][user.rows]).mean, fisher).mean()
+                    for i, user in enumerate(users)
+                ]
+            )
+        else:  # the same z for every prompt
+            departure = quadratic_kl(stack.bias[:, :latent_dim], fisher)  # (U,)
+        scale = departure_scale(departure, target_kl)  # (U,), float64
+        stack.bias[:, :latent_dim] *= scale.unsqueeze(1).to(stack.bias.dtype)
+        stack.up[..., :latent_dim] *= scale.view(-1, 1, 1).to(stack.up.dtype)
+        return [
+            {"target_kl": target_kl, "departure_before": float(f"{d:.6g}"), "departure_scale": float(f)}
+            for d, f in zip(departure.tolist(), scale.tolist(), strict=True)
+        ]
 
     def _summaries(
         self, users: list[_User], steps: list[int], history: dict[str, torch.Tensor]
@@ -1194,6 +1238,7 @@ def _align_encoded(
         preference_embeddings=preference_embeddings,
         users_per_batch=users_per_batch,
         pair_keys=keys,
+        latent_fisher=model.latent_fisher,
     )
     return trainer.train(on_stack_end=on_stack_end)
 

@@ -32,6 +32,8 @@ class LatentAdapter(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.num_layers, slots_width))  # (L, P*hidden)
         # Gradient-only shortcut z -> final hidden state (see `skip_gradient`); None unless configured.
         self.skip = nn.Linear(config.latent_dim, self.hidden_size, bias=False) if config.gradient_skip_path else None
+        # The Fisher metric of z (latent_metric.py), measured after CLaP; zeros: not measured.
+        self.register_buffer("fisher", torch.zeros(config.latent_dim, config.latent_dim))  # (Z, Z)
 
     @torch.no_grad()
     def init_from_base(self, base_model: PreTrainedModel, token_id: int, relative_scale: float = 0.2) -> None:

@@ -127,6 +127,8 @@ def _peft_adapter_layers(module: nn.Module) -> list[nn.Module]:
 
 # The modules a backbone adds to its base, as a PEFT `exclude_modules` regex: LoRA on the base, never on them.
 LATENT_MODULES_PATTERN = r"latent_(encoder|adapter)(\..*)?"
+# The latent metric's tensor in the latent state dict (see `PrefAlignForCausalLM.latent_fisher`).
+FISHER_KEY = "latent_adapter.fisher"
 # Why a base with PEFT adapters injected (but no PeftModel around it to merge them) cannot become a backbone's base.
 _PEFT_BASE_MESSAGE = (
     "{found} carries PEFT adapters. A backbone records its base by name (or saves it whole, in transformers' format), "
@@ -576,11 +578,19 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
             ]
         digest.update(json.dumps(identity, sort_keys=True).encode())
         for name, tensor in sorted(self.latent_state_dict().items()):
-            if name.startswith("latent_adapter.skip"):
-                continue  # training-only shortcut, zero in every forward pass
+            if name.startswith("latent_adapter.skip") or name == FISHER_KEY:
+                continue  # a training-only shortcut (zero in every pass), and a measurement of z, not what z does
             digest.update(name.encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()
+
+    @property
+    def latent_fisher(self) -> torch.Tensor | None:
+        """The Fisher metric of z `(Z, Z)`: 1/2 z^T F z is the per-token KL of z from the base (see
+        `models/prefalign/latent_metric.py`). `None` until measured (`CLaPTrainer` measures it after training;
+        `hf_prefalign.trainer.estimate_latent_metric` adds it to an older backbone)."""
+        fisher = self.latent_adapter.fisher
+        return fisher if bool(fisher.any()) else None
 
     @property
     def preferences(self) -> PreferenceBank:
@@ -1028,7 +1038,9 @@ class PrefAlignForCausalLM(PrefAlignPreTrainedModel, GenerationMixin):
         path = Path(path)
         weights = load_tensors(path)
         own = self.latent_state_dict()
-        missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        # Backbones saved before the latent metric existed load with it unmeasured (zeros).
+        missing = sorted(set(own) - set(weights) - {FISHER_KEY})
+        unexpected = sorted(set(weights) - set(own))
         if missing or unexpected:
             raise OSError(
                 f"{path} does not hold this backbone's latent weights (missing: {missing[:5]}, unexpected: "

@@ -35,6 +35,8 @@ class ResidualLatentAdapter(nn.Module):
         self.hidden_size = config.text_config.hidden_size
         self.weight = nn.Parameter(torch.empty(len(self.layers), self.hidden_size, config.latent_dim))  # (S, H, Z)
         self.skip = None  # the prefix adapter's gradient shortcut has no counterpart here: z already acts directly
+        # The Fisher metric of z (latent_metric.py), measured after CLaP; zeros: not measured.
+        self.register_buffer("fisher", torch.zeros(config.latent_dim, config.latent_dim))  # (Z, Z)
         self._state = threading.local()
 
     def offsets(self, latents: torch.Tensor) -> torch.Tensor:
