@@ -12,8 +12,11 @@ One script, library defaults throughout (`PrefAlignForCausalLM.from_base`, `Resp
 4. Encoder checks on the probe pool: contrastive accuracy of the amortised encoder among a prompt's K responses; a
    ridge probe from posterior means to 6 attributes (fit on training-pool responses, R^2 on probe responses).
 5. Users: 6 simulated users (real scorers), Latent DPO on at most 256 pairs from the training pool; a CAA steering
-   vector from the same pairs (layer and multiplier swept on validation); the preference-strength dial of ours
-   swept on validation as well; both chosen as the best reward within +15% perplexity of the base.
+   vector from the same pairs (layer and multiplier swept on validation, per user, the best reward within +15%
+   perplexity of the base). Ours has one setting for every user, `LatentDPOConfig.target_kl` (each user's departure
+   from the base in nats per token under the backbone's latent metric): swept on validation, the one with the best
+   mean standardised gain at which every user stays within +15% perplexity; the library's default is checked
+   against it.
 6. Test: every user, method and control on the test prompts x samples, same seeds: reward mean +- SE, gain over the
    base in SEs and in base SDs, perplexity under the base, distinct-2; neutral greedy output vs the base's.
 
@@ -59,9 +62,11 @@ from hf_prefalign import (
 )
 from hf_prefalign.data.pairs import preference_pairs_from_pool
 from hf_prefalign.data.prompts import tokenize_prompt, tokenize_response
+from hf_prefalign.models.prefalign.latent_metric import quadratic_kl
 from hf_prefalign.models.prefalign.likelihood import sequence_log_likelihood
 from hf_prefalign.scorers import get_scorer
 from hf_prefalign.scorers.style import exclamation_share, list_share, question_share
+from hf_prefalign.trainer.departure import departure_scale
 from hf_prefalign.utils.serialization import write_json_atomic
 
 
@@ -411,6 +416,39 @@ def pick_within_budget(curve: list[dict], base_ppl: float) -> dict:
     return max(allowed, key=lambda p: p["reward"])
 
 
+def departure_of(trainer: LatentDPOTrainer, model: PrefAlignForCausalLM) -> float | None:
+    """A trained user's departure from the base in nats per token (its mean z over its training prompts under the
+    backbone's latent metric), as `LatentDPOConfig.target_kl` measures it; `None` without a metric."""
+    if model.latent_fisher is None:
+        return None
+    with torch.no_grad():
+        means = trainer.model(trainer.train_dataset[:]["features"]).mean
+    return float(quadratic_kl(means, model.latent_fisher).mean())
+
+
+def strength_for(departure: float | None, target_kl: float) -> float:
+    """The factor on a user's trained z that puts it at `target_kl` (trainer/departure.py); 1 without a departure."""
+    if not departure:
+        return 1.0
+    return float(departure_scale(torch.tensor(departure), target_kl))
+
+
+def pick_target_kl(curves: dict[str, list[dict]], base_ppl: float, base_sd: dict[str, float]) -> float:
+    """Ours: the target departure with the best mean standardised gain over users among those at which every user's
+    perplexity stays within PPL_BUDGET of the base (else the smallest)."""
+    kls = sorted({p["target_kl"] for curve in curves.values() for p in curve})
+
+    def at(kl: float) -> list[dict]:
+        return [next(p for p in curve if p["target_kl"] == kl) for curve in curves.values()]
+
+    allowed = [kl for kl in kls if all(p["perplexity"] <= PPL_BUDGET * base_ppl for p in at(kl))]
+    if not allowed:
+        return kls[0]
+    return max(
+        allowed, key=lambda kl: sum(p["gain"] / (base_sd[u] or 1.0) for u, p in zip(curves, at(kl), strict=True))
+    )
+
+
 # ----------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------
@@ -423,7 +461,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--max-pairs", type=int, default=256)
     parser.add_argument("--clap-max-steps", type=int, default=None, help="cap CLaP's gradient steps (default: config)")
-    parser.add_argument("--strengths", default="0.5,1,2,4")
+    parser.add_argument(
+        "--target-kls",
+        default="0.04,0.07,0.1,0.14,0.2,0.28",
+        help="ours: departures from the base swept on validation",
+    )
     parser.add_argument("--caa-layers", default="8,15")
     parser.add_argument("--caa-multipliers", default="2,4,8")
     parser.add_argument("--users", nargs="+", default=USERS)
@@ -524,8 +566,9 @@ def main() -> None:
         cache.encode_pool(pool)
         trained_users = results["users"][backbone_name] = {}
         for name in args.users:
+            # The trained scale (target_kl=None): every target departure is this user's mean times a factor.
             config = LatentDPOConfig(
-                output_dir=str(work / "users" / backbone_name / name), report_to=[], seed=args.seed
+                output_dir=str(work / "users" / backbone_name / name), report_to=[], seed=args.seed, target_kl=None
             )
             trainer = LatentDPOTrainer(
                 model, config, train_dataset=user_pairs[name], processing_class=tokenizer, latent_cache=cache
@@ -539,6 +582,7 @@ def main() -> None:
                 "pairs": len(user_pairs[name]),
                 "train_seconds": seconds,
                 "posterior_separation": trainer.posterior_separation,
+                "departure": departure_of(trainer, model),
             }
         write_json_atomic(trained_users, stage / "users.json")
     timings["users"] = time.perf_counter() - t
@@ -575,47 +619,74 @@ def main() -> None:
 
         return rows
 
-    def point(responses, prompts, samples, user, **setting):
+    def point(responses, prompts, samples, user, base_reward=0.0, **setting):
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        reward = float(get_scorer(user)(texts).mean())
         return {
             **setting,
-            "reward": float(get_scorer(user)(texts).mean()),
+            "reward": reward,
+            "gain": reward - base_reward,
             "perplexity": perplexity_under(bf16_base, tokenizer, prompts, responses, samples),
         }
 
-    # Validation: our strength dial and CAA's layer x multiplier, each the best reward within the budget
+    # Validation: ours, one target departure for every user; CAA's layer x multiplier per user
     t = time.perf_counter()
     val_prompts = list(splits["val"]["prompt"])
     caa_layers = [int(x) for x in args.caa_layers.split(",")]
     multipliers = [float(x) for x in args.caa_multipliers.split(",")]
-    strengths = [float(x) for x in args.strengths.split(",")]
+    target_kls = [float(x) for x in args.target_kls.split(",")]
+    departures = {user: results["users"]["clap"][user]["departure"] for user in args.users}
     caa_vectors = {
         user: caa_vectors_for(bf16_base, layout, tokenizer, user_pairs[user], caa_layers, max_length)
         for user in args.users
     }
 
     def validate() -> dict[str, Any]:
-        settings = [(None, 0.0)] + [(user, strength) for user in args.users for strength in strengths]
+        # (user, strength, target_kl): the trained scale (None), then each target departure
+        settings = [(None, 0.0, None)] + [(user, 1.0, None) for user in args.users]
+        settings += [(user, strength_for(departures[user], kl), kl) for kl in target_kls for user in args.users]
         ours_val = sample_rows(
             generator.generate,
             tokenizer,
             val_prompts,
             len(settings),
-            user_rows(settings),
+            user_rows([(user, strength) for user, strength, _ in settings]),
             args.val_samples,
             args,
             10_000,
             resume=stages / "val_ours.json",
         )
         val_base_ppl = perplexity_under(bf16_base, tokenizer, val_prompts, ours_val[0], args.val_samples)
-        validation: dict[str, Any] = {"base_perplexity": val_base_ppl, "ours": {}, "caa": {}}
+        base_texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ours_val[0]]
+        base_reward = {user: stats(get_scorer(user)(base_texts).tolist()) for user in args.users}
+        validation: dict[str, Any] = {
+            "base_perplexity": val_base_ppl,
+            "base_reward": base_reward,
+            "ours": {},
+            "caa": {},
+        }
         for user in args.users:
             curve = [
-                point(ours_val[i], val_prompts, args.val_samples, user, strength=st)
-                for i, (u, st) in enumerate(settings)
+                point(
+                    ours_val[i],
+                    val_prompts,
+                    args.val_samples,
+                    user,
+                    base_reward[user]["mean"],
+                    strength=st,
+                    target_kl=kl,
+                )
+                for i, (u, st, kl) in enumerate(settings)
                 if u == user
             ]
-            validation["ours"][user] = {"curve": curve, "chosen": pick_within_budget(curve, val_base_ppl)}
+            validation["ours"][user] = {"curve": curve}
+        targeted = {
+            user: [p for p in validation["ours"][user]["curve"] if p["target_kl"] is not None] for user in args.users
+        }
+        chosen_kl = pick_target_kl(targeted, val_base_ppl, {u: base_reward[u]["std"] for u in args.users})
+        validation["chosen_target_kl"] = chosen_kl
+        for user in args.users:
+            validation["ours"][user]["chosen"] = next(p for p in targeted[user] if p["target_kl"] == chosen_kl)
         for layer in caa_layers:
             caa_settings = [(user, layer, m) for user in args.users for m in multipliers]
             caa_val = sample_rows(
@@ -631,7 +702,15 @@ def main() -> None:
             )
             for (user, _, m), responses in zip(caa_settings, caa_val, strict=True):
                 validation["caa"].setdefault(user, {"curve": []})["curve"].append(
-                    point(responses, val_prompts, args.val_samples, user, layer=layer, multiplier=m)
+                    point(
+                        responses,
+                        val_prompts,
+                        args.val_samples,
+                        user,
+                        base_reward[user]["mean"],
+                        layer=layer,
+                        multiplier=m,
+                    )
                 )
         for user in args.users:
             validation["caa"][user]["chosen"] = pick_within_budget(validation["caa"][user]["curve"], val_base_ppl)
@@ -644,16 +723,14 @@ def main() -> None:
     results["validation"] = validation
     timings["validation"] = time.perf_counter() - t
 
-    # Test: base and ours (strength 1, and the validated strength) in one batch per prompt; CAA at its validated
-    # setting, grouped by layer.
+    # Test: base, ours at the validated target departure and at the trained scale, in one batch per prompt; CAA at
+    # its validated setting, grouped by layer.
     t = time.perf_counter()
     test_prompts = list(splits["test"]["prompt"])
-    settings = [(None, 0.0)] + [(user, 1.0) for user in args.users]
-    settings += [
-        (user, validation["ours"][user]["chosen"]["strength"])
-        for user in args.users
-        if validation["ours"][user]["chosen"]["strength"] != 1.0
-    ]
+    chosen_kl = validation["chosen_target_kl"]
+    results["target_kl"] = {"chosen_on_validation": chosen_kl, "library_default": LatentDPOConfig("unused").target_kl}
+    settings = [(None, 0.0)] + [(user, strength_for(departures[user], chosen_kl)) for user in args.users]
+    settings += [(user, 1.0) for user in args.users]
     ours_test = sample_rows(
         generator.generate,
         tokenizer,
@@ -667,7 +744,7 @@ def main() -> None:
     )
     responses = {"base": ours_test[0]}
     for index, ((user, _), rows) in enumerate(zip(settings[1:], ours_test[1:], strict=True)):
-        responses[f"{'clap' if index < len(args.users) else 'clap_validated_strength'}/{user}"] = rows
+        responses[f"{'clap' if index < len(args.users) else 'clap_trained_scale'}/{user}"] = rows
     moving = [user for user in args.users if untrained_moves[user] != 0.0]
     for user in args.users:
         if user not in moving:
@@ -785,16 +862,28 @@ def render_validation(results: dict) -> list[str]:
         return f"**{text}**" if point == chosen else text
 
     users = list(validation["ours"])
-    ours_keys = [p["strength"] for p in validation["ours"][users[0]]["curve"]]
+
+    def ours_label(point: dict) -> str:  # runs before the target departure existed swept a strength dial
+        if "target_kl" not in point:
+            return f"ours x{point['strength']:g}"
+        return "ours, trained scale" if point["target_kl"] is None else f"ours KL {point['target_kl']:g}"
+
+    ours_keys = [ours_label(p) for p in validation["ours"][users[0]]["curve"]]
     caa_keys = [(p["layer"], p["multiplier"]) for p in validation["caa"][users[0]]["curve"]]
     settings = results["settings"]
+    rule = (
+        "ours: one target KL (nats/token) for every user, the best mean standardised gain with every user within "
+        "+15%; CAA: per user, the best reward within +15%"
+        if "chosen_target_kl" in validation
+        else "best reward within +15%, else the lowest perplexity"
+    )
     lines = [
         "",
         f"### Validation sweeps ({settings['val_prompts']} prompts x {settings['val_samples']} samples): reward "
-        "(perplexity vs base); bold: chosen (best reward within +15%, else the lowest perplexity)",
+        f"(perplexity vs base); bold: chosen ({rule})",
         "",
         "| user | "
-        + " | ".join(f"ours x{s:g}" for s in ours_keys)
+        + " | ".join(ours_keys)
         + " | "
         + " | ".join(f"CAA L{layer} x{m:g}" for layer, m in caa_keys)
         + " |",
@@ -859,6 +948,15 @@ def render(results: dict) -> str:
         f"Base model: perplexity {base['perplexity']:.2f}, distinct-2 {base['distinct_2']:.3f}, answers ended naturally {base['ended_naturally']:.2f}, mean words {base.get('mean_words', float('nan')):.1f}.",
         f"CLaP vs untrained backbone, mean standardised user gain difference: {c['mean_standardised_difference']:+.3f} +- {c['se']:.3f} ({c['in_se']:+.1f} SE).",
         f"Neutral greedy output identical to the base on 8 test prompts: {results['neutral_equals_base']}.",
+    ]
+    if "target_kl" in results:
+        kl = results["target_kl"]
+        lines.append(
+            f"Ours (`clap`): every user at target_kl = {kl['chosen_on_validation']:g} nats/token (chosen on validation; "
+            f"the library default is {kl['library_default']}); `clap_trained_scale`: the scale training left (strength 1, "
+            "target_kl=None)."
+        )
+    lines += [
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_seconds"].items()) + ".",
         "",
     ]

@@ -147,3 +147,23 @@ def test_evidence_report_renders_a_finished_run(monkeypatch):
         for method in methods:
             assert f"| {user} | {method} |" in table
     assert "mean words" in table and "Validation sweeps" in table
+
+
+def test_evidence_picks_one_target_kl_for_every_user(monkeypatch):
+    """Ours is chosen as one target departure for all users: the best mean standardised gain among the departures at
+    which every user stays within the perplexity budget; a user's strength is its trained z's factor to get there."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    evidence = runpy.run_path(str(EXAMPLES / "preference_space_evidence.py"))
+
+    def curve(*points):
+        return [{"target_kl": kl, "gain": gain, "perplexity": ppl} for kl, gain, ppl in points]
+
+    curves = {
+        "a": curve((0.05, 1.0, 3.0), (0.1, 2.0, 3.3), (0.2, 3.0, 3.3)),
+        "b": curve((0.05, 0.5, 3.0), (0.1, 1.0, 3.4), (0.2, 2.0, 3.6)),  # over budget (3.45) at 0.2
+    }
+    assert evidence["pick_target_kl"](curves, 3.0, {"a": 1.0, "b": 1.0}) == 0.1
+    over = {"a": curve((0.05, 1.0, 4.0), (0.1, 2.0, 5.0))}
+    assert evidence["pick_target_kl"](over, 3.0, {"a": 1.0}) == 0.05, "none within budget: the smallest"
+    assert evidence["strength_for"](0.2, 0.05) == pytest.approx(0.5)
+    assert evidence["strength_for"](None, 0.05) == 1.0 and evidence["strength_for"](0.0, 0.05) == 1.0
