@@ -141,7 +141,7 @@ def _user(model, tokenizer, tmp_path, **overrides):
 @pytest.mark.parametrize("prompt_dependent", [False, True])
 def test_target_kl_scales_the_users_mean_to_that_departure(tmp_path, prompt_dependent):
     model, tokenizer = _clap_backbone(tmp_path)
-    _, free = _user(model, tokenizer, tmp_path, prompt_dependent_prior=prompt_dependent)
+    _, free = _user(model, tokenizer, tmp_path, prompt_dependent_prior=prompt_dependent, target_kl=None)
     trainer, scaled = _user(model, tokenizer, tmp_path, prompt_dependent_prior=prompt_dependent, target_kl=0.05)
     features = trainer.train_dataset[:]["features"]
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_target_kl_scales_the_users_mean_to_that_departure(tmp_path, prompt_depe
 
 def test_target_kl_without_a_metric_warns_and_keeps_the_trained_scale(tmp_path, caplog):
     model, tokenizer = _clap_backbone(tmp_path, latent_metric_prompts=0)
-    _, free = _user(model, tokenizer, tmp_path)
+    _, free = _user(model, tokenizer, tmp_path, target_kl=None)
     hf_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
         _, kept = _user(model, tokenizer, tmp_path, target_kl=0.05)
@@ -192,3 +192,4 @@ def test_estimate_latent_metric_adds_it_to_a_frozen_backbone_without_training(tm
 def test_bad_target_kl_is_refused(bad):
     with pytest.raises(ValueError, match="target_kl"):
         LatentDPOConfig(output_dir="unused", target_kl=bad)
+    assert LatentDPOConfig(output_dir="unused", target_kl="none").target_kl is None  # the CLI's spelling
