@@ -8,9 +8,10 @@ same code and into the same place), for the 6 simulated users and test prompts t
 - `mix`: `preference_id={a: 1 - w, b: w}` for two opposed users (`--mix concise detailed`) and w in `--mix-weights`;
   both users' rewards per w (w = 0 is user a, w = 1 user b);
 - `examples`: a user from k pairs without training (`PreferenceEmbedding.from_examples`, the k chosen responses
-  liked and the k rejected ones disliked) against Latent DPO trained on the same k pairs, for k in `--ks`, with the
-  time each takes.
+  liked and the k rejected ones disliked; at its own scale and at each of `--examples-target-kls`) against Latent
+  DPO trained on the same k pairs, for k in `--ks`, with the time each takes.
 
+`--split val` measures on the validation prompts instead of the test prompts, to choose a setting there.
 Every setting is sampled in one batch per prompt with the base model (same seeds); a gain is in base SDs and in SEs
 (over the base's samples), perplexity is that of the samples under the base, relative to the base's own. Nothing is
 chosen here: the settings are fixed in advance, the strengths and weights are the issue's grid. Writes the samples
@@ -51,6 +52,15 @@ def parse_floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
+def parse_target_kls(text: str) -> list[float | None]:
+    """`none,0.14`: from_examples at its own scale (`none`) and at each target KL."""
+    return [None if x.strip().lower() == "none" else float(x) for x in text.split(",")]
+
+
+def examples_label(target_kl: float | None) -> str:
+    return "from_examples" if target_kl is None else f"from_examples_kl{target_kl:g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="outputs/preference_space")
@@ -63,11 +73,15 @@ def main() -> None:
     parser.add_argument("--mix", nargs=2, default=["concise", "detailed"], metavar=("A", "B"))
     parser.add_argument("--mix-weights", type=parse_floats, default=parse_floats("0.25,0.5,0.75"))
     parser.add_argument("--ks", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4, 8, 16])
-    parser.add_argument("--prompts", type=int, default=48, help="test prompts used (of the evidence run's 48)")
+    parser.add_argument("--examples-target-kls", type=parse_target_kls, default=[None], help="e.g. none,0.14")
+    parser.add_argument("--split", choices=["test", "val"], default="test", help="the evidence run's prompts to use")
+    parser.add_argument("--prompts", type=int, default=48, help="prompts used (of the split's 48 test or 16 val)")
     parser.add_argument("--samples", type=int, default=2, help="samples per prompt and setting")
     cli = parser.parse_args()
     if any(s < 0 for s in cli.strengths) or any(not 0 < w < 1 for w in cli.mix_weights):
         parser.error("strengths must be >= 0 and mix weights strictly between 0 and 1")
+    if any(kl is not None and not kl > 0 for kl in cli.examples_target_kls):
+        parser.error("--examples-target-kls takes `none` or positive numbers")
     if "mix" in cli.features and not set(cli.mix) <= set(cli.users):
         parser.error(f"--mix users {cli.mix} must be among --users")
     examples_users = cli.examples_users or cli.users
@@ -115,18 +129,19 @@ def main() -> None:
                 subset = pairs.select(range(min(k, len(pairs))))
                 liked = [{"prompt": r["prompt"], "response": r["chosen"]} for r in subset]
                 disliked = [{"prompt": r["prompt"], "response": r["rejected"]} for r in subset]
-                start = time.perf_counter()
-                embedding = PreferenceEmbedding.from_examples(backbone, tokenizer, liked, disliked, latent_cache=cache)
-                examples_seconds = time.perf_counter() - start
-                generator.load_preference(embedding, preference_id=f"{user}.examples.k{k}", overwrite=True)
+                row = entry.setdefault("k", {}).setdefault(str(k), {"pairs": len(subset)})
+                for target_kl in cli.examples_target_kls:
+                    label = examples_label(target_kl)
+                    start = time.perf_counter()
+                    embedding = PreferenceEmbedding.from_examples(
+                        backbone, tokenizer, liked, disliked, latent_cache=cache, target_kl=target_kl
+                    )
+                    row[f"{label}_ms"] = 1000 * (time.perf_counter() - start)
+                    generator.load_preference(embedding, preference_id=f"{user}.{label}.k{k}", overwrite=True)
+                    settings += [(f"{user}/{label}/k{k}", f"{user}.{label}.k{k}", 1.0)]
                 trainer, seconds = latent_dpo(subset, f"{user}-k{k}")
                 generator.load_preference(trainer.model, preference_id=f"{user}.latent_dpo.k{k}", overwrite=True)
-                entry.setdefault("k", {})[str(k)] = {
-                    "pairs": len(subset),
-                    "from_examples_ms": 1000 * examples_seconds,
-                    "latent_dpo_train_seconds": seconds,
-                }
-                settings += [(f"{user}/examples/k{k}", f"{user}.examples.k{k}", 1.0)]
+                row["latent_dpo_train_seconds"] = seconds
                 settings += [(f"{user}/latent_dpo/k{k}", f"{user}.latent_dpo.k{k}", 1.0)]
     if "strength" in cli.features:
         settings += [(f"{u}/strength/{s:g}", u, s) for u in cli.users for s in cli.strengths]
@@ -143,7 +158,7 @@ def main() -> None:
         _, preference_id, strength = settings[c]
         return {"latents": generator.preference_latents(ids, mask, preference_id, strength=strength)}
 
-    prompts = list(splits["test"]["prompt"])[: cli.prompts]
+    prompts = list(splits[cli.split]["prompt"])[: cli.prompts]
     print(f"sampling {len(settings)} settings x {len(prompts)} prompts x {cli.samples} samples", flush=True)
     t = time.perf_counter()
     samples_path = work / "personalisation" / "samples.json"
@@ -212,7 +227,9 @@ def main() -> None:
         for user in examples_users:
             for k in cli.ks:
                 row = report["users"][user]["k"][str(k)]
-                row["from_examples"] = point(f"{user}/examples/k{k}", user)
+                for target_kl in cli.examples_target_kls:
+                    label = examples_label(target_kl)
+                    row[label] = point(f"{user}/{label}/k{k}", user)
                 row["latent_dpo"] = point(f"{user}/latent_dpo/k{k}", user)
         results["examples"] = {u: report["users"][u]["k"] for u in examples_users}
     report["results"] = results
@@ -228,7 +245,8 @@ def render(report: dict) -> str:
     settings, results = report["settings"], report["results"]
     lines = ["<!-- generated by examples/personalisation_evidence.py; do not edit by hand -->", ""]
     lines += [
-        f"{settings['prompts']} test prompts x {settings['samples']} samples per setting; gain over the base model "
+        f"{settings['prompts']} {'validation' if settings.get('split') == 'val' else 'test'} prompts x "
+        f"{settings['samples']} samples per setting; gain over the base model "
         "in base SDs (in SEs), perplexity of the samples under the base relative to the base's own.",
         "",
     ]
@@ -262,19 +280,26 @@ def render(report: dict) -> str:
             )
         lines += ["", f"{b}'s reward monotone in the weight: {'yes' if results['mix']['monotone'] else 'no'}.", ""]
     if "examples" in results:
+        labels = [examples_label(kl) for kl in settings.get("examples_target_kls", [None])]
+        names = {label: label.replace("_kl", " at KL ") for label in labels}
+
+        def cell(point: dict) -> str:
+            return f"{point['gain_sd']:+.2f} ({point['gain_in_se']:+.1f} SE), x{point['perplexity_ratio']:.2f}"
+
         lines += [
             "### Users from k examples (no training) against Latent DPO on the same k pairs",
             "",
-            "| user | k | from_examples gain | time (ms) | Latent DPO gain | time (s) |",
-            "|---|---:|---|---:|---|---:|",
+            "| user | k | "
+            + " | ".join(f"{names[label]} gain | time (ms)" for label in labels)
+            + " | Latent DPO gain | time (s) |",
+            "|---|---:|" + "---|---:|" * len(labels) + "---|---:|",
         ]
         for user, ks in results["examples"].items():
             for k, row in ks.items():
-                e, d = row["from_examples"], row["latent_dpo"]
+                cells = [f"{cell(row[label])} | {row[f'{label}_ms']:.0f}" for label in labels]
                 lines.append(
-                    f"| {user} | {k} | {e['gain_sd']:+.2f} ({e['gain_in_se']:+.1f} SE), x{e['perplexity_ratio']:.2f} | "
-                    f"{row['from_examples_ms']:.0f} | {d['gain_sd']:+.2f} ({d['gain_in_se']:+.1f} SE), "
-                    f"x{d['perplexity_ratio']:.2f} | {row['latent_dpo_train_seconds']:.2f} |"
+                    f"| {user} | {k} | " + " | ".join(cells) + f" | {cell(row['latent_dpo'])} | "
+                    f"{row['latent_dpo_train_seconds']:.2f} |"
                 )
         lines.append("")
     return "\n".join(lines)

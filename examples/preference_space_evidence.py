@@ -62,11 +62,10 @@ from hf_prefalign import (
 )
 from hf_prefalign.data.pairs import preference_pairs_from_pool
 from hf_prefalign.data.prompts import tokenize_prompt, tokenize_response
-from hf_prefalign.models.prefalign.latent_metric import quadratic_kl
+from hf_prefalign.models.prefalign.latent_metric import departure_scale, quadratic_kl
 from hf_prefalign.models.prefalign.likelihood import sequence_log_likelihood
 from hf_prefalign.scorers import get_scorer
 from hf_prefalign.scorers.style import exclamation_share, list_share, question_share
-from hf_prefalign.trainer.departure import departure_scale
 from hf_prefalign.utils.serialization import write_json_atomic
 
 

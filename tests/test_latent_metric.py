@@ -1,5 +1,6 @@
 """The latent Fisher metric: the sampled estimate equals the exact Gauss-Newton Fisher and its quadratic form is the
-per-token KL of a small z; CLaP measures it and the backbone saves it; Latent DPO scales users to `target_kl`."""
+per-token KL of a small z; CLaP measures it and the backbone saves it; Latent DPO and users from examples are scaled
+to `target_kl`."""
 
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ from helpers import LATENT_DIM, VOCAB, make_tiny_pool
 from safetensors.torch import load_file, save_file
 from transformers.utils import logging as hf_logging
 
-from hf_prefalign import CLaPConfig, CLaPTrainer, LatentDPOConfig, LatentDPOTrainer, PrefAlignForCausalLM
+from hf_prefalign import (
+    CLaPConfig,
+    CLaPTrainer,
+    LatentDPOConfig,
+    LatentDPOTrainer,
+    PrefAlignForCausalLM,
+    PreferenceEmbedding,
+)
 from hf_prefalign.data.pairs import preference_pairs_from_pool
 from hf_prefalign.models.prefalign.latent_metric import latent_fisher, quadratic_kl
 from hf_prefalign.models.prefalign.modeling_prefalign import FISHER_KEY
 from hf_prefalign.scorers import get_scorer
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
 from hf_prefalign.trainer import estimate_latent_metric
-from hf_prefalign.utils.constants import WEIGHTS_NAME
+from hf_prefalign.utils.constants import DEFAULT_TARGET_KL, WEIGHTS_NAME
 
 
 @pytest.fixture
@@ -186,6 +194,51 @@ def test_estimate_latent_metric_adds_it_to_a_frozen_backbone_without_training(tm
     assert estimate_latent_metric(frozen, make_tiny_pool(seed=4), tokenizer, num_prompts=0) is None
     with pytest.raises(ValueError, match="num_prompts"):
         estimate_latent_metric(frozen, make_tiny_pool(seed=4), tokenizer, num_prompts=-1)
+
+
+# ----------------------------------------------------------------------
+# A user from examples: the examples give the direction, target_kl the distance
+# ----------------------------------------------------------------------
+def _liked(pool, count):
+    return [{"prompt": row["prompt"], "response": row["responses"][0]} for row in pool.select(range(count))]
+
+
+def test_from_examples_with_target_kl_keeps_the_direction_at_that_departure(tmp_path):
+    model, tokenizer = _clap_backbone(tmp_path)
+    examples = _liked(make_tiny_pool(seed=6), 3)
+    free = PreferenceEmbedding.from_examples(model, tokenizer, examples, target_kl=None)
+    scaled = PreferenceEmbedding.from_examples(model, tokenizer, examples, target_kl=0.05)
+    default = PreferenceEmbedding.from_examples(model, tokenizer, examples)
+    features = torch.zeros(1, free.config.feature_dim)  # the prior is the same for every prompt
+    with torch.no_grad():
+        free_prior, scaled_prior = free(features), scaled(features)
+        default_departure = float(quadratic_kl(default(features).mean, model.latent_fisher))
+    assert float(quadratic_kl(scaled_prior.mean, model.latent_fisher)) == pytest.approx(0.05, rel=1e-4)
+    assert default_departure == pytest.approx(DEFAULT_TARGET_KL, rel=1e-4)  # the trained users' departure
+    assert LatentDPOConfig(output_dir="unused").target_kl == DEFAULT_TARGET_KL
+    record = scaled.config.training
+    assert record["target_kl"] == 0.05 and record["departure_scale"] != pytest.approx(1.0)
+    assert record["departure_before"] == pytest.approx(
+        float(quadratic_kl(free_prior.mean, model.latent_fisher)), rel=1e-4
+    )
+    torch.testing.assert_close(scaled_prior.mean, record["departure_scale"] * free_prior.mean)
+    torch.testing.assert_close(scaled_prior.logvar, free_prior.logvar)  # the spread of the examples is kept
+    assert "target_kl" not in free.config.training
+
+
+def test_from_examples_target_kl_without_a_metric_warns_and_bad_values_are_refused(tmp_path, caplog):
+    model, tokenizer = _clap_backbone(tmp_path, latent_metric_prompts=0)
+    examples = _liked(make_tiny_pool(seed=6), 2)
+    free = PreferenceEmbedding.from_examples(model, tokenizer, examples, target_kl=None)
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        kept = PreferenceEmbedding.from_examples(model, tokenizer, examples, target_kl=0.05)
+    hf_logging.disable_propagation()
+    assert "target_kl=0.05 is not applied" in caplog.text and "estimate_latent_metric" in caplog.text
+    torch.testing.assert_close(kept.bias, free.bias)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="target_kl"):
+            PreferenceEmbedding.from_examples(model, tokenizer, examples, target_kl=bad)
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])

@@ -343,12 +343,14 @@ def test_a_bad_mix_is_refused_before_the_lm_runs(world):
 # ----------------------------------------------------------------------
 @pytest.fixture
 def backbone_dir(tmp_path, monkeypatch):
-    """A saved tiny backbone the CLI loads (its tokenizer loading pointed at the tiny tokenizer, as in test_cli)."""
+    """A saved tiny backbone the CLI loads (its tokenizer loading pointed at the tiny tokenizer, as in test_cli), with
+    a latent metric so that `target_kl` applies."""
     make_tiny_base("qwen2").save_pretrained(tmp_path / "base")
     model = PrefAlignForCausalLM.from_base(str(tmp_path / "base"), latent_dim=LATENT_DIM)
     with torch.no_grad():
         for parameter in model.latent_parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
+        model.latent_adapter.fisher.copy_(torch.eye(LATENT_DIM))
     path = tmp_path / "backbone"
     model.save_pretrained(path)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: make_tiny_tokenizer())
@@ -368,8 +370,12 @@ def test_cli_align_from_examples_writes_an_embedding_without_training(backbone_d
     assert user.config.training["method"] == "from_examples"
     model = PrefAlignForCausalLM.from_pretrained(backbone_dir)
     expected = PreferenceEmbedding.from_examples(model, make_tiny_tokenizer(), rows[:3], rows[3:])
-    assert torch.equal(user.bias, expected.bias)
+    assert torch.equal(user.bias, expected.bias) and user.config.training["target_kl"] == 0.14
     model.load_preference(tmp_path / "dave", "dave")  # it belongs to the saved backbone
+    # --target_kl reaches the examples' user as it reaches a trained one
+    assert main([*argv, str(tmp_path / "erin"), "--target_kl", "none"]) == 0
+    unscaled = PreferenceEmbedding.from_examples(model, make_tiny_tokenizer(), rows[:3], rows[3:], target_kl=None)
+    assert torch.equal(PreferenceEmbedding.from_pretrained(tmp_path / "erin").bias, unscaled.bias)
 
     (tmp_path / "disliked.jsonl").write_text(json.dumps(rows[3]) + "\n")
     (tmp_path / "empty.jsonl").write_text("\n")

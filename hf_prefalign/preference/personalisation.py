@@ -17,6 +17,7 @@ from transformers.utils import logging
 
 from ..data.prompts import is_conversational, response_text
 from ..distributions import DiagonalGaussian
+from ..utils.constants import DEFAULT_TARGET_KL
 from .embedding import PreferenceEmbedding, PreferenceEmbeddingConfig
 
 
@@ -231,9 +232,11 @@ def embedding_from_examples(
     variance: float | None = None,
     rank: int = 8,
     latent_cache: LatentCache | None = None,
+    target_kl: float | None = DEFAULT_TARGET_KL,
 ) -> PreferenceEmbedding:
     """See [`PreferenceEmbedding.from_examples`]."""
     from ..data.latent_cache import LatentCache
+    from ..models.prefalign.latent_metric import departure_scale, quadratic_kl
     from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
 
     start = time.perf_counter()
@@ -245,6 +248,12 @@ def embedding_from_examples(
         or not (math.isfinite(disliked_weight) and disliked_weight >= 0)
     ):
         raise ValueError(f"`disliked_weight` must be a finite number >= 0, got {disliked_weight!r}.")
+    if target_kl is not None and (
+        isinstance(target_kl, bool)
+        or not isinstance(target_kl, Real)
+        or not (math.isfinite(target_kl) and target_kl > 0)
+    ):
+        raise ValueError(f"`target_kl` must be a positive number of nats per token or None, got {target_kl!r}.")
     liked_pairs, disliked_pairs = read_examples(examples, disliked)
     model.check_tokenizer(tokenizer)
     if latent_cache is None:
@@ -286,6 +295,24 @@ def embedding_from_examples(
             "model. The backbone's encoder looks untrained: train it with CLaPTrainer first."
         )
     target = torch.full_like(mean, float(variance)) if variance is not None else moment_variance
+    departure = {}
+    if target_kl is not None:
+        fisher = model.latent_fisher
+        if fisher is None:
+            logger.warning(
+                f"target_kl={target_kl} is not applied: the backbone's latent metric was never measured, so the user "
+                "keeps the length of the examples' mean difference. Measure it with "
+                "`hf_prefalign.trainer.estimate_latent_metric(backbone, pool, tokenizer)` and save the backbone."
+            )
+        else:  # the prior is the same for every prompt: its departure is that of its mean
+            before = quadratic_kl(mean, fisher)
+            scale = float(departure_scale(before, float(target_kl)))
+            mean = mean * scale
+            departure = {
+                "target_kl": float(target_kl),
+                "departure_before": float(f"{float(before):.6g}"),
+                "departure_scale": scale,
+            }
 
     config.training = {
         "method": "from_examples",
@@ -293,6 +320,7 @@ def embedding_from_examples(
         "disliked": len(disliked_pairs),
         "disliked_weight": float(disliked_weight),
         "variance": "moment-matched" if variance is None else float(variance),
+        **departure,
         "build_seconds": round(time.perf_counter() - start, 3),
     }
     embedding = _new_embedding(config)

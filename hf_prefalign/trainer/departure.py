@@ -12,22 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..models.prefalign.latent_metric import quadratic_kl
+from ..models.prefalign.latent_metric import departure_scale, quadratic_kl
 from ..preference.embedding import PreferenceEmbedding
-
-
-# Below this departure (nats per token) z is taken to be the neutral z = 0 (an untrained encoder gives exactly 0):
-# there is no direction to scale.
-MIN_DEPARTURE = 1e-10
-
-
-def departure_scale(departure: torch.Tensor, target_kl: float) -> torch.Tensor:
-    """The factor on a prior's mean that moves a departure of `departure` nats per token to `target_kl` (1 where the
-    mean is 0). Elementwise over any shape."""
-    departure = departure.double()
-    return torch.where(
-        departure > MIN_DEPARTURE, (target_kl / departure.clamp(min=MIN_DEPARTURE)).sqrt(), torch.ones_like(departure)
-    )
 
 
 @torch.no_grad()
@@ -49,4 +35,4 @@ def scale_to_target_kl(
     return {"target_kl": target_kl, "departure_before": float(f"{float(departure):.6g}"), "departure_scale": scale}
 
 
-__all__ = ["MIN_DEPARTURE", "departure_scale", "scale_to_target_kl"]
+__all__ = ["scale_to_target_kl"]

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from ..utils.constants import DEFAULT_TARGET_KL
+
 
 # DPOConfig fields that cannot act in Latent DPO (no LM runs, nothing is tokenized, the reference is N(0, I)):
 # setting one away from DPOConfig's default is refused rather than silently ignored.
@@ -108,7 +110,7 @@ class LatentDPOConfig(DPOConfig):
     )
     prior_rank: int = field(default=8, metadata={"help": "Rank of the prompt-dependent part of the user's prior."})
     target_kl: float | None = field(
-        default=0.14,
+        default=DEFAULT_TARGET_KL,
         metadata={"help": "Departure of every user from the base in nats per token (None: as trained)."},
     )
     latent_cache_dir: str | None = field(

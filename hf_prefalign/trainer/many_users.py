@@ -62,7 +62,7 @@ from transformers.utils import logging
 from ..data.latent_cache import PAIR_COLUMNS, LatentCache, read_preference_pairs
 from ..distributions import DiagonalGaussian
 from ..integrations import default_cache_dir
-from ..models.prefalign.latent_metric import quadratic_kl
+from ..models.prefalign.latent_metric import departure_scale, quadratic_kl
 from ..preference.bank import BANK_INDEX, PreferenceBank, read_bank_index
 from ..preference.bank_shards import (
     DEFAULT_USERS_PER_SHARD,
@@ -77,7 +77,6 @@ from ..utils.locking import lock_is_live
 from ..utils.paths import validate_preference_id
 from ..utils.serialization import resolve_directory
 from ..utils.sharding import resolve_shard_spec, shard_of, shard_tag
-from .departure import departure_scale
 from .latent_dpo_config import LatentDPOConfig
 from .latent_dpo_loss import KeptLatentPairs, kept_latent_pairs, prior_margin_weights
 

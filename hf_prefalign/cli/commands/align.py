@@ -163,7 +163,9 @@ def _align_from_examples(args: AlignArguments, config) -> int:
     examples = common._load_dataset(args.from_examples, args.dataset_split)
     read_examples(examples)  # a bad file is reported before the backbone loads
     model, tokenizer = common._load_backbone(args.backbone, args.dtype, common._device(config.use_cpu))
-    embedding = PreferenceEmbedding.from_examples(model, tokenizer, examples, rank=config.prior_rank)
+    embedding = PreferenceEmbedding.from_examples(
+        model, tokenizer, examples, rank=config.prior_rank, target_kl=config.target_kl
+    )
     embedding.save_pretrained(config.output_dir)
     record = embedding.config.training
     print(

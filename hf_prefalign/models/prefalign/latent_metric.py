@@ -80,4 +80,18 @@ def quadratic_kl(latents: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((latents @ fisher.float()) * latents).sum(-1)
 
 
-__all__ = ["latent_fisher", "quadratic_kl"]
+# Below this departure (nats per token) z is taken to be the neutral z = 0 (an untrained encoder gives exactly 0):
+# there is no direction to scale.
+MIN_DEPARTURE = 1e-10
+
+
+def departure_scale(departure: torch.Tensor, target_kl: float) -> torch.Tensor:
+    """The factor on a z (or a prior's mean) that moves a departure of `departure` nats per token to `target_kl` (1
+    where z is 0): the KL is quadratic in z, so the factor is a square root. Elementwise over any shape, in float64."""
+    departure = departure.double()
+    return torch.where(
+        departure > MIN_DEPARTURE, (target_kl / departure.clamp(min=MIN_DEPARTURE)).sqrt(), torch.ones_like(departure)
+    )
+
+
+__all__ = ["MIN_DEPARTURE", "departure_scale", "latent_fisher", "quadratic_kl"]
