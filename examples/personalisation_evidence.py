@@ -43,6 +43,7 @@ from preference_space_evidence import (
 from hf_prefalign import LatentCache, LatentDPOConfig, LatentDPOTrainer, PreferenceEmbedding, load_default_base
 from hf_prefalign.data.pairs import preference_pairs_from_pool
 from hf_prefalign.scorers import get_scorer
+from hf_prefalign.utils.constants import DEFAULT_TARGET_KL
 
 
 FEATURES = ("strength", "mix", "examples")
@@ -73,7 +74,12 @@ def main() -> None:
     parser.add_argument("--mix", nargs=2, default=["concise", "detailed"], metavar=("A", "B"))
     parser.add_argument("--mix-weights", type=parse_floats, default=parse_floats("0.25,0.5,0.75"))
     parser.add_argument("--ks", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4, 8, 16])
-    parser.add_argument("--examples-target-kls", type=parse_target_kls, default=[None], help="e.g. none,0.14")
+    parser.add_argument(
+        "--examples-target-kls",
+        type=parse_target_kls,
+        default=[None, DEFAULT_TARGET_KL],
+        help="from_examples at its own scale (none) and at these departures; default: none and the library's",
+    )
     parser.add_argument("--split", choices=["test", "val"], default="test", help="the evidence run's prompts to use")
     parser.add_argument("--prompts", type=int, default=48, help="prompts used (of the split's 48 test or 16 val)")
     parser.add_argument("--samples", type=int, default=2, help="samples per prompt and setting")
