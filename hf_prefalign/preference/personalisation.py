@@ -305,7 +305,7 @@ def embedding_from_examples(
                 "`hf_prefalign.trainer.estimate_latent_metric(backbone, pool, tokenizer)` and save the backbone."
             )
         else:  # the prior is the same for every prompt: its departure is that of its mean
-            before = quadratic_kl(mean, fisher)
+            before = quadratic_kl(mean, fisher.to(mean.device))
             scale = float(departure_scale(before, float(target_kl)))
             mean = mean * scale
             departure = {
