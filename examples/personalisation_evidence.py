@@ -38,6 +38,7 @@ from preference_space_evidence import (
     sample_rows,
     split_prompts,
     stats,
+    write_report,
 )
 
 from hf_prefalign import LatentCache, LatentDPOConfig, LatentDPOTrainer, PreferenceEmbedding, load_default_base
@@ -240,10 +241,7 @@ def main() -> None:
         results["examples"] = {u: report["users"][u]["k"] for u in examples_users}
     report["results"] = results
     report["timings_seconds"]["total"] = time.perf_counter() - run_start
-    output = Path(cli.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    output.with_suffix(".md").write_text(render(report))
+    write_report(cli.output, report, render(report))
     print(render(report))
 
 

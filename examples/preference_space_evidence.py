@@ -66,7 +66,7 @@ from hf_prefalign.models.prefalign.latent_metric import departure_scale, quadrat
 from hf_prefalign.models.prefalign.likelihood import sequence_log_likelihood
 from hf_prefalign.scorers import get_scorer
 from hf_prefalign.scorers.style import exclamation_share, list_share, question_share
-from hf_prefalign.utils.serialization import write_json_atomic
+from hf_prefalign.utils.serialization import atomic_path, write_json_atomic
 
 
 USERS = ["positive", "negative", "concise", "detailed", "questioning", "structured"]
@@ -121,11 +121,11 @@ def add_split_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def write_report(output: str | Path, report: dict[str, Any], table: str) -> None:
-    """`<output>.json` (the numbers) and `<output>.md` (the generated table)."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{output}.json").write_text(json.dumps(report, indent=1) + "\n")
-    Path(f"{output}.md").write_text(table)
+    """`<output>.json` (the numbers) and `<output>.md` (the generated table), each replaced whole (a kill leaves the
+    previous version, never half a file)."""
+    for path, text in ((f"{output}.json", json.dumps(report, indent=1) + "\n"), (f"{output}.md", table)):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
 
 
 def split_prompts(args: argparse.Namespace) -> dict[str, Dataset]:
