@@ -296,6 +296,38 @@ def test_kept_latent_pairs_give_the_loss_as_one_product(samples, quantile):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1.0, 300.0], ids=["moderate", "underflowing"])
+@pytest.mark.parametrize("features_from", [1, 10**9], ids=["pair-features", "gathered-rho"])
+def test_grouped_loss_is_the_softplus_of_every_margin(monkeypatch, scale, features_from):
+    """The batched loss (softplus from the slopes' logs, four slopes to a log) and its written-out gradient equal
+    softplus and autograd in float64, also for margins far below -88, where a slope underflows to 0."""
+    import hf_prefalign.trainer.many_users as many_users
+
+    monkeypatch.setattr(many_users, "_FEATURES_FROM", features_from)
+    monkeypatch.setattr(many_users, "_CHUNK_ELEMENTS", 64)  # several chunks, groups of different widths in each
+    chosen, rejected, _, _, latents = _random_problem(1, 6, 5, seed=3)
+    squeeze = lambda g: DiagonalGaussian(g.mean[0], g.logvar[0])  # noqa: E731
+    kept = kept_latent_pairs(latents[:, 0].movedim(0, 1), squeeze(chosen), squeeze(rejected), beta=0.7)
+    group = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5])  # entries per group: 2, 1, 3, 1, 1, 2
+    slot = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    weights = scale * torch.randn(len(group), 2 * LATENT, generator=torch.Generator().manual_seed(4))
+    loss, metrics, gradient = many_users._grouped_loss(kept, weights, group, slot, 3, beta=0.7)
+
+    reference_weights = weights.double().requires_grad_()
+    margins = (kept.features().double()[group] * reference_weights.unsqueeze(1)).sum(-1)  # (E, k)
+    mask = kept.mask[group]
+    count = torch.zeros(3, dtype=torch.float64).index_add_(0, slot, kept.count[group].double())
+    expected = torch.zeros(3, dtype=torch.float64).index_add(0, slot, (F.softplus(margins) * mask).sum(-1)) / count
+    expected.sum().backward()
+    if scale > 1:
+        assert float(margins.detach()[mask].min()) < -100, "the case must reach margins where sigmoid underflows"
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gradient.double(), reference_weights.grad, rtol=1e-4, atol=1e-6)
+    negatives = torch.zeros(3, dtype=torch.float64).index_add(0, slot, ((margins < 0) & mask).sum(-1).double())
+    torch.testing.assert_close(metrics["rewards/accuracy"].double(), negatives / count)
+
+
 def test_loss_over_users_equals_each_users_loss_alone():
     users, pairs, samples = 3, 5, 4
     chosen, rejected, mean, logvar, latents = _random_problem(users, pairs, samples, seed=1)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -54,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
@@ -227,7 +229,7 @@ class StackedPreferenceEmbedding(nn.Module):
         tensors = {name: getattr(self, name).detach()[index] for name in ("bias", "down", "up")}
         if copy:
             tensors = {name: tensor.clone() for name, tensor in tensors.items()}
-        return PreferenceEmbedding._from_tensors(config, tensors).eval()
+        return PreferenceEmbedding._from_tensors(config, tensors, training=False)
 
 
 def stacked_prior(
@@ -251,9 +253,23 @@ def stacked_prior(
 # ----------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------
-# Margins computed at once in `_grouped_loss`: 1 MB of fp32, so that the passes over them stay in the CPU's cache
-_CHUNK_ELEMENTS = 1 << 18
+# Margins computed at once in `_grouped_loss`: 2 MB of fp32, so that the passes over them stay in the CPU's cache
+# and a step takes tens of chunks, not hundreds (each chunk costs ~0.2 ms of Python)
+_CHUNK_ELEMENTS = 1 << 19
 _FEATURES_FROM = 32  # entries per group from which building the kept pairs' features beats gathering from rho
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a block that makes many objects and no cycles: its passes over a
+    growing heap cost as much as making 10,000 users' embeddings."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _chunks(members: list[int], width: int) -> list[tuple[int, int]]:
@@ -266,6 +282,18 @@ def _chunks(members: list[int], width: int) -> list[tuple[int, int]]:
             chunks.append((start, end - 1))
             start = end - 1
     return chunks + [(start, len(members))] if members else chunks
+
+
+def _fold_products(values: torch.Tensor) -> torch.Tensor:
+    """The products of the two halves of the last dimension, `(..., k)` -> `(..., k // 2)` (an odd last entry
+    multiplied into the first product): the same product of all entries, in half as many factors."""
+    half = values.shape[-1] // 2
+    if half == 0:
+        return values
+    folded = values[..., :half] * values[..., half : 2 * half]
+    if values.shape[-1] % 2:
+        folded[..., :1] *= values[..., -1:]
+    return folded
 
 
 def _grouped_loss(
@@ -306,6 +334,15 @@ def _grouped_loss(
     sorted_weights, sorted_coefficient = weights[by_group], coefficient[by_group]
     sums, margin_sums, right = (weights.new_zeros(len(group)) for _ in range(3))
     sorted_gradient = torch.zeros_like(weights)
+    buffers = [weights.new_empty(0) for _ in range(3)]
+
+    def scratch(shape: torch.Size, index: int) -> torch.Tensor:
+        # Margin-sized buffers reused by every chunk: fresh ones of a few MB would be new pages every chunk.
+        size = math.prod(shape)
+        if buffers[index].numel() < size:
+            buffers[index] = weights.new_empty(size)
+        return buffers[index][:size].view(shape)
+
     for first, last in _chunks(members.tolist(), width):
         entries = slice(bounds[first], bounds[last])
         widest = int(members[last - 1])  # groups are in order of size
@@ -314,7 +351,8 @@ def _grouped_loss(
         laid_out = laid_out.index_copy_(0, place, sorted_weights[entries]).view(last - first, widest, -1)  # (g, n, 2Z)
         if laid_out.shape[1] >= _FEATURES_FROM:  # many entries per group: per-pair features, shared by them
             features = kept.features(first, last)  # (g, k, 2Z)
-            margins = torch.bmm(laid_out, features.transpose(1, 2))  # (g, n, k): -beta * rho gap, per kept pair
+            shape = torch.Size((*laid_out.shape[:2], width))
+            margins = torch.bmm(laid_out, features.transpose(1, 2), out=scratch(shape, 2))  # -beta * rho gap
         else:  # few: each latent's rho, then the kept pairs' differences (no (k, 2Z) features to build)
             terms = kept.terms[first:last]  # (g, 3M, 2Z)
             rho = torch.bmm(laid_out, terms.transpose(1, 2))  # (g, n, 3M)
@@ -325,22 +363,25 @@ def _grouped_loss(
             margins = (rho.gather(-1, index_a) - rho.gather(-1, index_b)).mul_(pair_scale)
         # Padded kept pairs have margin 0 (zero scale): they add log 2 each to the softplus sums (subtracted), nothing
         # to the other sums, and nothing to the gradient (zero features, zero pair scale).
-        # Every pass over the margins counts, and on the CPU float maps are several times faster than comparisons
-        # into bool or log1p: softplus(m) = relu(m) + log(1 + exp(-|m|)) with sum relu(m) = (sum m + sum |m|) / 2,
-        # and the count of m < 0 is -sum(min(sign(m), 0)).
+        # Every pass over the margins counts, and on the CPU a sigmoid costs a fraction of an exp, a log or a log1p:
+        # the slopes d softplus / d m = sigmoid(m) are needed anyway, and softplus(m) = m - log(sigmoid(m)), whose
+        # logs are summed as the logs of products of four slopes (a quarter of the logs). The count of m < 0 is
+        # -sum(min(sign(m), 0)) (comparisons into bool are slower still).
         padding = (width - count[first:last]).mul_(math.log(2.0)).unsqueeze(-1)  # (g, 1)
         margin_sum = margins.sum(-1)  # (g, n)
-        magnitude = margins.abs()
-        relu_sum = (margin_sum + magnitude.sum(-1)).mul_(0.5)
-        log_sum = magnitude.neg_().exp_().add_(1.0).log_().sum(-1)
-        negatives = torch.sign(margins, out=magnitude).clamp_(max=0.0).sum(-1).neg_()
-        sums[entries] = (relu_sum + log_sum - padding).flatten()[place]
+        negatives = torch.sign(margins, out=scratch(margins.shape, 0)).clamp_(max=0.0).sum(-1).neg_()
+        slopes = torch.sigmoid(margins, out=scratch(margins.shape, 1))  # d softplus / d margin
+        log_sum = torch.log(_fold_products(_fold_products(slopes))).sum(-1)
+        softplus_sum = margin_sum - log_sum
+        if not bool(torch.isfinite(log_sum).all()):  # a product that underflowed to 0: those rows the stable way
+            rows = ~torch.isfinite(log_sum)
+            softplus_sum[rows] = F.softplus(margins[rows]).sum(-1)
+        sums[entries] = (softplus_sum - padding).flatten()[place]
         margin_sums[entries] = margin_sum.flatten()[place]
         right[entries] = negatives.flatten()[place]
         # (g, n, 1): each real entry's coefficient, 0 on padding; applied after the products, on (g, n, 2Z)
         scale = weights.new_zeros(laid_out.shape[0] * widest).index_copy_(0, place, sorted_coefficient[entries])
         scale = scale.view(*laid_out.shape[:2], 1)
-        slopes = torch.sigmoid_(margins)  # d softplus / d margin
         if laid_out.shape[1] >= _FEATURES_FROM:
             grad_laid_out = torch.bmm(slopes, features).mul_(scale)
         else:
@@ -372,11 +413,15 @@ class _User:
     rows: torch.Tensor  # (n,) rows of the shared pair table
     start: PreferenceEmbedding | None  # a warm start, or None for a new user
 
+    @property
+    def num_pairs(self) -> int:
+        return self.rows.shape[0]  # not len(): Tensor.__len__ is a Python call, ~30x slower, x users x stacks
+
 
 def _stacked_rows(users: list[_User]) -> tuple[torch.Tensor, torch.Tensor]:
     """All users' rows of the pair table end to end, `(R,)`, and the index of the user each belongs to, `(R,)`: the
     segments for per-user sums (`index_add_`)."""
-    owner = torch.cat([torch.full((len(user.rows),), index) for index, user in enumerate(users)])
+    owner = torch.repeat_interleave(torch.arange(len(users)), torch.tensor([user.num_pairs for user in users]))
     return owner, torch.cat([user.rows for user in users])
 
 
@@ -528,7 +573,7 @@ class MultiUserLatentDPOTrainer:
         elif len(pair_keys) != num_rows or not all(isinstance(key, str) for key in pair_keys):
             raise ValueError(f"`pair_keys` must give one string per row of the pair table ({num_rows} rows).")
         self._pair_keys = list(pair_keys)
-        self._epoch_span = max(self._total_steps(len(user.rows)) for user in self.users) + 1  # > any epoch index
+        self._epoch_span = max(self._total_steps(user.num_pairs) for user in self.users) + 1  # > any epoch index
         self._latent_seeds: dict[tuple[int, int], int] = {}
         self.log_history: list[dict[str, float]] = []
         self.embeddings: dict[str, PreferenceEmbedding] = {}
@@ -555,7 +600,7 @@ class MultiUserLatentDPOTrainer:
         groups = []
         for (rank, low, high), members in by_shape.items():
             config = dataclasses.replace(self.embedding_config, rank=rank, logvar_min=low, logvar_max=high)
-            members.sort(key=lambda user: (len(user.rows), user.user_id))
+            members.sort(key=lambda user: (user.num_pairs, user.user_id))
             for start in range(0, len(members), self.users_per_batch):
                 groups.append((config, members[start : start + self.users_per_batch]))
         return groups
@@ -591,7 +636,7 @@ class MultiUserLatentDPOTrainer:
                 torch.zeros(num, 0, width, dtype=torch.bool),
                 torch.zeros(num, 0, dtype=torch.long),
             )
-        counts = torch.tensor([len(user.rows) for user in users])
+        counts = torch.tensor([user.num_pairs for user in users])
         total = torch.tensor(steps)
         per_epoch = (counts + batch - 1).div(batch, rounding_mode="floor").clamp(min=1)
         epochs = (total + per_epoch - 1).div(per_epoch, rounding_mode="floor")
@@ -663,7 +708,7 @@ class MultiUserLatentDPOTrainer:
         """
         start = time.perf_counter()
         groups = self._groups()
-        total_pairs = sum(len(user.rows) for user in self.users)
+        total_pairs = sum(user.num_pairs for user in self.users)
         logger.info(
             f"Latent DPO for {len(self.users)} users ({total_pairs} user pairs over {len(self.table['features'])} "
             f"distinct pairs) in {len(groups)} stack(s) of up to {self.users_per_batch} users."
@@ -704,7 +749,7 @@ class MultiUserLatentDPOTrainer:
         args, device = self.args, self.device
         start = time.perf_counter()
         num = len(users)
-        counts = [len(user.rows) for user in users]
+        counts = [user.num_pairs for user in users]
         steps = [self._total_steps(count) for count in counts]
         width = min(args.per_device_train_batch_size, max(counts))
         rows, mask, epochs = self._batches(users, width, steps)
@@ -790,27 +835,28 @@ class MultiUserLatentDPOTrainer:
         stack = stack.cpu().requires_grad_(False)
         departures = self._scale_to_target_kl(stack, users)
         finished = []
-        for index, user in enumerate(users):
-            record: dict[str, Any] = {
-                "method": "latent-dpo",
-                "pairs": counts[index],
-                "steps": steps[index],
-                "epochs": args.num_train_epochs,
-                "beta": args.beta,
-                "learning_rate": args.learning_rate,
-                "num_latent_samples": args.num_latent_samples,
-                "gap_quantile": args.gap_quantile,
-                "prior_init": args.prior_init,
-                "prompt_dependent_prior": args.prompt_dependent_prior,
-                "train_seconds": round(seconds / num, 4),
-                "users_in_run": len(self.users),
-                **summaries[index],
-            }
-            if user.start is not None:
-                record["warm_start"] = True
-            if departures is not None:
-                record.update(departures[index])
-            finished.append((user.user_id, stack.embedding(index, record, copy=False)))
+        with _cyclic_gc_paused():  # thousands of new objects and no cycles among them
+            for index, user in enumerate(users):
+                record: dict[str, Any] = {
+                    "method": "latent-dpo",
+                    "pairs": counts[index],
+                    "steps": steps[index],
+                    "epochs": args.num_train_epochs,
+                    "beta": args.beta,
+                    "learning_rate": args.learning_rate,
+                    "num_latent_samples": args.num_latent_samples,
+                    "gap_quantile": args.gap_quantile,
+                    "prior_init": args.prior_init,
+                    "prompt_dependent_prior": args.prompt_dependent_prior,
+                    "train_seconds": round(seconds / num, 4),
+                    "users_in_run": len(self.users),
+                    **summaries[index],
+                }
+                if user.start is not None:
+                    record["warm_start"] = True
+                if departures is not None:
+                    record.update(departures[index])
+                finished.append((user.user_id, stack.embedding(index, record, copy=False)))
         ran = ~torch.isnan(history["loss"])
         self.log_history.append(
             {
@@ -879,7 +925,7 @@ class MultiUserLatentDPOTrainer:
         last = mean_over(accuracy, ran & (position >= total - window), window)
         owner, rows = _stacked_rows(users)
         separation = self._row_separation[rows].double()
-        pairs = torch.tensor([len(user.rows) for user in users], dtype=torch.float64).clamp(min=1)
+        pairs = torch.tensor([user.num_pairs for user in users], dtype=torch.float64).clamp(min=1)
         separation = (torch.zeros(num, dtype=torch.float64).index_add_(0, owner, separation) / pairs).tolist()
         summaries = []
         for index in range(num):
