@@ -236,7 +236,7 @@ def embedding_from_examples(
 ) -> PreferenceEmbedding:
     """See [`PreferenceEmbedding.from_examples`]."""
     from ..data.latent_cache import LatentCache
-    from ..models.prefalign.latent_metric import departure_scale, quadratic_kl
+    from ..models.prefalign.latent_metric import departure_record, departure_scale, quadratic_kl
     from ..models.prefalign.modeling_prefalign import PrefAlignForCausalLM
 
     start = time.perf_counter()
@@ -308,11 +308,7 @@ def embedding_from_examples(
             before = quadratic_kl(mean, fisher.to(mean.device))
             scale = float(departure_scale(before, float(target_kl)))
             mean = mean * scale
-            departure = {
-                "target_kl": float(target_kl),
-                "departure_before": float(f"{float(before):.6g}"),
-                "departure_scale": scale,
-            }
+            departure = departure_record(float(target_kl), float(before), scale)
 
     config.training = {
         "method": "from_examples",

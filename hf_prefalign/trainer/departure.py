@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.prefalign.latent_metric import departure_scale, quadratic_kl
+from ..models.prefalign.latent_metric import departure_record, departure_scale, quadratic_kl
 from ..preference.embedding import PreferenceEmbedding
 
 
@@ -32,7 +32,7 @@ def scale_to_target_kl(
     latent_dim = embedding.config.latent_dim
     embedding.bias[:latent_dim] *= scale
     embedding.up[:, :latent_dim] *= scale
-    return {"target_kl": target_kl, "departure_before": float(f"{float(departure):.6g}"), "departure_scale": scale}
+    return departure_record(target_kl, float(departure), scale)
 
 
 __all__ = ["scale_to_target_kl"]

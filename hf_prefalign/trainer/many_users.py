@@ -64,7 +64,7 @@ from transformers.utils import logging
 from ..data.latent_cache import PAIR_COLUMNS, LatentCache, read_preference_pairs
 from ..distributions import DiagonalGaussian
 from ..integrations import default_cache_dir
-from ..models.prefalign.latent_metric import departure_scale, quadratic_kl
+from ..models.prefalign.latent_metric import departure_record, departure_scale, quadratic_kl
 from ..preference.bank import BANK_INDEX, PreferenceBank, read_bank_index
 from ..preference.bank_shards import (
     DEFAULT_USERS_PER_SHARD,
@@ -897,10 +897,7 @@ class MultiUserLatentDPOTrainer:
         scale = departure_scale(departure, target_kl)  # (U,), float64
         stack.bias[:, :latent_dim] *= scale.unsqueeze(1).to(stack.bias.dtype)
         stack.up[..., :latent_dim] *= scale.view(-1, 1, 1).to(stack.up.dtype)
-        return [
-            {"target_kl": target_kl, "departure_before": float(f"{d:.6g}"), "departure_scale": float(f)}
-            for d, f in zip(departure.tolist(), scale.tolist(), strict=True)
-        ]
+        return [departure_record(target_kl, d, f) for d, f in zip(departure.tolist(), scale.tolist(), strict=True)]
 
     def _summaries(
         self, users: list[_User], steps: list[int], history: dict[str, torch.Tensor]

@@ -94,4 +94,11 @@ def departure_scale(departure: torch.Tensor, target_kl: float) -> torch.Tensor:
     )
 
 
-__all__ = ["MIN_DEPARTURE", "departure_scale", "latent_fisher", "quadratic_kl"]
+def departure_record(target_kl: float, departure: float, scale: float) -> dict[str, float]:
+    """What a user's `config.training` records of its scaling, the same for trained users (one at a time or many) and
+    users from examples: `target_kl`, `departure_before` (nats per token before, 6 significant digits) and
+    `departure_scale` (the factor applied)."""
+    return {"target_kl": target_kl, "departure_before": float(f"{float(departure):.6g}"), "departure_scale": scale}
+
+
+__all__ = ["MIN_DEPARTURE", "departure_record", "departure_scale", "latent_fisher", "quadratic_kl"]
