@@ -49,6 +49,7 @@ from __future__ import annotations
 import sys
 
 from benchmarking.arguments import BenchmarkArguments, make_parser
+from benchmarking.evaluation import base_perplexity, sample_responses
 from benchmarking.fairness import check_fair_comparison
 from benchmarking.methods import FIGURE_KEYS, METHODS, SERVING_KEYS
 from benchmarking.prefix_tuning import generate_with_prefix
@@ -66,6 +67,7 @@ __all__ = [
     "METHODS",
     "SERVING_KEYS",
     "BenchmarkArguments",
+    "base_perplexity",
     "best_of_n_indices",
     "best_of_n_responses",
     "caa_vectors_for",
@@ -76,6 +78,7 @@ __all__ = [
     "make_quick_base",
     "make_quick_tokenizer",
     "run_benchmark",
+    "sample_responses",
     "select_on_validation",
     "split_prompts",
     "targets",

@@ -194,6 +194,34 @@ def tiny(benchmark):
     return base, tokenizer, ids
 
 
+def test_prompts_sampled_together_get_what_each_gets_alone(benchmark, tiny):
+    """Several prompts per call (left-padded): each row's mask covers exactly its prompt and the rows come back to
+    their prompts; the perplexity of rows from several prompts in one pass is the one of a pass per row."""
+    base, tokenizer, _ = tiny
+    prompt_ids = [tokenizer(text)["input_ids"] for text in ("good day the cat", "sad", "the cat loves a great day")]
+    calls = []
+
+    def read(ids):  # a token that depends on which tokens, and how many, are read
+        return 3 + (sum(ids) + 7 * len(ids)) % 40
+
+    def echo(input_ids, attention_mask, max_new_tokens, **kwargs):  # answers what its mask lets it read
+        calls.append(input_ids.shape[0])
+        answer = [read(row[mask == 1].tolist()) for row, mask in zip(input_ids, attention_mask, strict=True)]
+        return torch.cat([input_ids, torch.tensor(answer)[:, None].expand(-1, max_new_tokens)], dim=1)
+
+    args = benchmark.BenchmarkArguments(quick=True, samples_per_prompt=2, generation_batch_size=6)
+    together = benchmark.sample_responses(echo, prompt_ids, tokenizer, args)
+    expected = [[[read(ids)] * args.max_new_tokens] * 2 for ids in prompt_ids]
+    assert calls == [6] and together == expected
+    args.generation_batch_size = 5  # two prompts, then one
+    assert benchmark.sample_responses(echo, prompt_ids, tokenizer, args) == expected and calls[1:] == [4, 2]
+
+    rows = [[[5, 6, 7], [8]], [[9, 10]], [[11, 12, 13, 14], [15, 16]]]
+    pooled = benchmark.base_perplexity(base, prompt_ids, rows, rows_per_call=6)
+    assert math.isfinite(pooled)
+    assert pooled == pytest.approx(benchmark.base_perplexity(base, prompt_ids, rows, rows_per_call=1), rel=1e-4)
+
+
 def test_caa_hook_changes_outputs_and_a_zero_vector_leaves_the_base_unchanged(benchmark, tiny):
     import steering_baselines
 

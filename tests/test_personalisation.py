@@ -16,6 +16,7 @@ from hf_prefalign import LatentCache, PrefAlignForCausalLM, PreferenceEmbedding,
 from hf_prefalign.cli.main import main
 from hf_prefalign.data.prompts import render_prompt, tokenize_prompt, tokenize_response
 from hf_prefalign.testing import make_tiny_base, make_tiny_tokenizer
+from hf_prefalign.utils.constants import DEFAULT_TARGET_KL
 
 
 PROMPTS = ["w5 w6 w7 w8 w9", "w10 w11", "w12 w13 w14"]
@@ -370,7 +371,7 @@ def test_cli_align_from_examples_writes_an_embedding_without_training(backbone_d
     assert user.config.training["method"] == "from_examples"
     model = PrefAlignForCausalLM.from_pretrained(backbone_dir)
     expected = PreferenceEmbedding.from_examples(model, make_tiny_tokenizer(), rows[:3], rows[3:])
-    assert torch.equal(user.bias, expected.bias) and user.config.training["target_kl"] == 0.14
+    assert torch.equal(user.bias, expected.bias) and user.config.training["target_kl"] == DEFAULT_TARGET_KL
     model.load_preference(tmp_path / "dave", "dave")  # it belongs to the saved backbone
     # --target_kl reaches the examples' user as it reaches a trained one
     assert main([*argv, str(tmp_path / "erin"), "--target_kl", "none"]) == 0

@@ -15,18 +15,39 @@ from benchmarking.methods import METHODS
 from hf_prefalign.data.prompts import tokenize_prompt
 
 
+def rows_per_call(args: BenchmarkArguments, samples: int) -> int:
+    """Rows of one sampling call with `samples` responses per prompt (whole prompts, at least one)."""
+    return max(1, args.generation_batch_size // samples) * samples
+
+
 @torch.no_grad()
-def calibrate(base: PreTrainedModel, tokenizer: Tokenizer, prompt: Any, args: BenchmarkArguments) -> dict[str, Any]:
-    """Time a few forward passes and short generations of the base on this machine (a few seconds)."""
+def calibrate(
+    base: PreTrainedModel,
+    tokenizer: Tokenizer,
+    prompt: Any,
+    args: BenchmarkArguments,
+    response_tokens: float | None = None,
+) -> dict[str, Any]:
+    """Time a forward, a forward + backward and short generations of the base on this machine (some seconds).
+
+    `response_tokens` is the mean length of the pool's responses (a reused pool); else `pool_max_new_tokens`, which
+    sampled responses mostly reach. A DPO step's cost grows with it, so the estimate uses the pairs' real length.
+    """
     prompt_ids = tokenize_prompt(tokenizer, prompt)
-    length = len(prompt_ids) + args.pool_max_new_tokens  # a prompt + response of the pairs, at most
+    length = len(prompt_ids) + round(response_tokens or args.pool_max_new_tokens)  # a pair's sequence
     row = (prompt_ids * (length // len(prompt_ids) + 1))[:length]
     batch = torch.tensor([row] * (2 * args.batch_size))
 
     def forward() -> None:
         base(input_ids=batch)
 
+    def forward_backward() -> None:  # the activations' gradients through every layer: what a PEFT step back-propagates
+        with torch.enable_grad():
+            embeds = base.get_input_embeddings()(batch).detach().requires_grad_()
+            base(inputs_embeds=embeds).logits.float().logsumexp(-1).mean().backward()
+
     forward_seconds = median_seconds(forward, 2)[0]
+    forward_backward_seconds = median_seconds(forward_backward, 1)[0]
 
     def generation(rows: int, new_tokens: int) -> float:
         ids = torch.tensor([prompt_ids] * rows)
@@ -36,16 +57,16 @@ def calibrate(base: PreTrainedModel, tokenizer: Tokenizer, prompt: Any, args: Be
         ]
 
     decode = {}
-    for rows in sorted(
-        {1, 8, args.samples_per_prompt, args.validation_samples, args.best_of * args.samples_per_prompt}
-        | {args.serving_users}
-    ):
+    sample_counts = {args.samples_per_prompt, args.validation_samples, args.best_of * args.samples_per_prompt}
+    for rows in sorted({1, 8, args.serving_users} | {rows_per_call(args, n) for n in sample_counts}):
         one, five = generation(rows, 1), generation(rows, 5)
         decode[rows] = {"prefill": one, "step": max(five - one, 0.0) / 4}
     return {
         "forward_seconds": forward_seconds,
+        "forward_backward_seconds": forward_backward_seconds,
         "forward_rows": 2 * args.batch_size,
         "sequence_length": length,
+        "base_dtype": str(next(base.parameters()).dtype).removeprefix("torch."),
         "decode": decode,
     }
 
@@ -63,12 +84,14 @@ def estimate_seconds(args: BenchmarkArguments, calib: dict[str, Any], num_layers
     max_pairs = 2 * train_prompts  # an upper bound: tied pairs are left out
     budget_pairs = [min(b, max_pairs) for b in args.budget_list]
     steps = [math.ceil(p / args.batch_size) * args.num_train_epochs for p in budget_pairs]
-    # A DPO step: policy forward + backward (about 3 forwards) and the reference forward, on 2 x batch sequences.
-    dpo_step = 4 * calib["forward_seconds"]
+    # A DPO step on 2 x batch sequences: the policy's forward + backward, and the reference's forward.
+    dpo_step = calib["forward_backward_seconds"] + calib["forward_seconds"]
     trl_runs = len(args.lora_learning_rate_list) + 1  # the LoRA grid, and prefix-tuning DPO
 
-    def evaluate(prompts: int, samples: int) -> float:
-        return prompts * (gen(samples, args.max_new_tokens) + samples * per_row)
+    def evaluate(prompts: int, samples: int) -> float:  # sampling in calls of whole prompts, then perplexity
+        rows = rows_per_call(args, samples)
+        calls = math.ceil(prompts * samples / rows)
+        return calls * gen(rows, args.max_new_tokens) + prompts * samples * per_row
 
     test_evals = len(METHODS)
     validation_evals = len(args.lora_learning_rate_list) + len(args.caa_multiplier_list) * len(

@@ -18,6 +18,12 @@ from benchmarking.measuring import distinct_n, stats
 TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET = 1000, 5000
 
 
+def prompt_chunks(num_prompts: int, rows_per_prompt: int, rows_per_call: int) -> list[range]:
+    """Consecutive prompts grouped so that each group's rows (`rows_per_prompt` each) fit in `rows_per_call`."""
+    per_call = max(1, rows_per_call // rows_per_prompt)
+    return [range(first, min(first + per_call, num_prompts)) for first in range(0, num_prompts, per_call)]
+
+
 @torch.no_grad()
 def sample_responses(
     generate: Callable[..., torch.Tensor],
@@ -29,16 +35,25 @@ def sample_responses(
 ) -> list[list[list[int]]]:
     """`samples` (default `samples_per_prompt`) sampled responses per prompt (token ids up to and including EOS).
 
-    Prompt i is sampled under seed `seed + seed_offset + i` for every model, so the models differ only by themselves.
+    The prompts are drawn in groups of `generation_batch_size` rows (left-padded), the group that starts at prompt
+    i under seed `seed + seed_offset + i`: every model is sampled in the same batches under the same seeds, so the
+    models differ only by themselves.
     """
     samples = samples or args.samples_per_prompt
     responses = []
-    for index, ids in enumerate(prompt_ids):
-        input_ids = torch.tensor([ids] * samples)
-        torch.manual_seed(args.seed + seed_offset + index)
+    for chunk in prompt_chunks(len(prompt_ids), samples, args.generation_batch_size):
+        width = max(len(prompt_ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk) * samples, width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for position, index in enumerate(chunk):
+            ids = prompt_ids[index]
+            rows = slice(position * samples, (position + 1) * samples)
+            input_ids[rows, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[rows, width - len(ids) :] = 1
+        torch.manual_seed(args.seed + seed_offset + chunk.start)
         out = generate(
             input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
+            attention_mask=attention_mask,
             do_sample=True,
             top_k=50,
             top_p=1.0,
@@ -47,27 +62,33 @@ def sample_responses(
             pad_token_id=tokenizer.pad_token_id,
         )
         rows = []
-        for sequence in out[:, len(ids) :].tolist():
+        for sequence in out[:, width:].tolist():
             if tokenizer.eos_token_id in sequence:
                 sequence = sequence[: sequence.index(tokenizer.eos_token_id) + 1]
             rows.append([t for t in sequence if t != tokenizer.pad_token_id or t == tokenizer.eos_token_id])
-        responses.append(rows)
+        responses.extend(rows[position * samples : (position + 1) * samples] for position in range(len(chunk)))
     return responses
 
 
 @torch.no_grad()
-def base_perplexity(base: PreTrainedModel, prompt_ids: list[list[int]], responses: list[list[list[int]]]) -> float:
-    """Perplexity of the responses under the plain base model, conditioned on their prompts (all tokens pooled)."""
+def base_perplexity(
+    base: PreTrainedModel, prompt_ids: list[list[int]], responses: list[list[list[int]]], rows_per_call: int = 48
+) -> float:
+    """Perplexity of the responses under the plain base model, conditioned on their prompts (all tokens pooled).
+
+    Sequences of several prompts go through one forward pass, right-padded, `rows_per_call` at most.
+    """
+    sequences = [
+        (ids, response) for ids, rows in zip(prompt_ids, responses, strict=True) for response in rows if response
+    ]
     total, count = 0.0, 0
-    for ids, rows in zip(prompt_ids, responses, strict=True):
-        rows = [r for r in rows if r]
-        if not rows:
-            continue
-        width = len(ids) + max(map(len, rows))
-        input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for first in range(0, len(sequences), rows_per_call):
+        batch = sequences[first : first + rows_per_call]
+        width = max(len(ids) + len(response) for ids, response in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         labels = torch.full_like(input_ids, -100)
-        for i, response in enumerate(rows):
+        for i, (ids, response) in enumerate(batch):
             end = len(ids) + len(response)
             input_ids[i, :end] = torch.tensor(ids + response)
             attention_mask[i, :end] = 1

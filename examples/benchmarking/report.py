@@ -194,7 +194,8 @@ def render_markdown(results: dict[str, Any], plot_names: dict[str, str | None]) 
         "holds. The Trainer's own `train_runtime` is in results.json as well.",
         "- The TRL methods each start from a fresh copy of the base; TRL wraps it with the PEFT config and computes the "
         "reference log-probabilities with the adapter disabled. No truncation (`max_length=None`), no activation "
-        "checkpointing, fp32, CPU.",
+        f"checkpointing; the frozen base in {data.get('base_dtype', 'float32')} for every method (trainable weights "
+        "fp32), CPU.",
         "- Prefix-tuning DPO trains with TRL's `DPOTrainer` and PEFT's `PrefixTuningConfig` as they are: on this "
         "stack the training forward passes the prefix and TRL keeps the positions of the real tokens (no attention-mask "
         "mismatch). With `prefix_init='eos'` the prefix starts as the base's own keys and values for EOS tokens, so "
@@ -212,8 +213,9 @@ def render_markdown(results: dict[str, Any], plot_names: dict[str, str | None]) 
             if check
             else ""
         ),
-        "- Evaluation decodes each held-out prompt alone (its samples in one batch), so no model's evaluation involves "
-        "padding; prompt i is sampled under the same seed for every model.",
+        f"- Evaluation samples whole prompts together, {settings.get('generation_batch_size', 1)} rows per call at "
+        "most, left-padded; the call that starts at prompt i draws under the same seed for every model, so every model "
+        "is sampled in the same batches under the same seeds.",
         "",
     ]
     return "\n".join(lines)

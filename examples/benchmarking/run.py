@@ -44,8 +44,9 @@ from hf_prefalign import (
     save_response_pool,
 )
 from hf_prefalign.data.pairs import preference_pairs_from_pool
-from hf_prefalign.data.prompts import tokenize_prompt
+from hf_prefalign.data.prompts import tokenize_prompt, tokenize_response
 from hf_prefalign.scorers import get_scorer
+from hf_prefalign.utils.precision import resolve_dtype
 from hf_prefalign.utils.serialization import write_json_atomic
 
 
@@ -119,11 +120,12 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
     base_reference, tokenizer = resolve_base(args, work)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    setup = Setup(base_reference=base_reference, tokenizer=tokenizer)
+    setup = Setup(base_reference=base_reference, tokenizer=tokenizer, dtype=resolve_dtype(args.precision))
     reused_pool, train_prompts, validation_prompts, heldout_prompts, source = split_prompts(args)
     setup.heldout_prompts = heldout_prompts
     setup.data = {
         "prompt_source": source,
+        "base_dtype": str(setup.dtype).removeprefix("torch."),
         "train_prompts": len(train_prompts),
         "heldout_prompts": len(heldout_prompts),
         "validation_prompts": len(validation_prompts),
@@ -131,7 +133,11 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
         "samples_per_heldout_prompt": args.samples_per_prompt,
     }
     reference_base = setup.load_base()
-    calib = calibrate(reference_base, tokenizer, heldout_prompts[0], args)
+    response_tokens = None
+    if reused_pool is not None:  # the pairs' real length decides a DPO step's cost
+        lengths = [len(tokenize_response(tokenizer, r)) for rows in reused_pool["responses"][:16] for r in rows]
+        response_tokens = sum(lengths) / max(len(lengths), 1)
+    calib = calibrate(reference_base, tokenizer, heldout_prompts[0], args, response_tokens)
     estimate = estimate_seconds(args, calib, reference_base.config.num_hidden_layers)
     stages = ", ".join(f"{k} {_minutes(v)}" for k, v in estimate.items() if k != "total")
     print(f"[benchmark] estimated duration: about {_minutes(estimate['total'])} ({stages}); rough, +-50%")
@@ -172,7 +178,7 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
     # 2. One-time: the CLaP backbone
     if args.backbone is not None:
         print(f"[2/6] CLaP: reusing {args.backbone}")
-        backbone = PrefAlignForCausalLM.from_pretrained(args.backbone)
+        backbone = PrefAlignForCausalLM.from_pretrained(args.backbone, base_model=setup.load_base())
         summary = backbone.training_summary or {}
         setup.one_time["clap"] = {
             "reused": None if resumed_backbone else args.backbone,

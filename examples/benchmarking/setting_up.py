@@ -22,6 +22,7 @@ from hf_prefalign.utils.constants import EMBEDDED_DEFAULT_BASE
 class Setup:
     base_reference: str
     tokenizer: Tokenizer
+    dtype: torch.dtype = torch.float32
     train_pool: Dataset | None = None
     heldout_prompts: list[Any] = field(default_factory=list)
     backbone: PrefAlignForCausalLM | None = None
@@ -29,8 +30,9 @@ class Setup:
     data: dict[str, Any] = field(default_factory=dict)
 
     def load_base(self) -> PreTrainedModel:
-        """A fresh copy of the base model (PEFT methods wrap it in place, so each run starts from its own copy)."""
-        return load_base_model(self.base_reference).eval()
+        """A fresh copy of the base model in `dtype` (PEFT methods wrap it in place, so each run starts from its own
+        copy)."""
+        return load_base_model(self.base_reference, dtype=self.dtype).eval()
 
 
 def _prompt_key(prompt: Any) -> str:

@@ -203,7 +203,7 @@ class PreferenceEmbedding(nn.Module):
             variance (`float`, *optional*): a fixed variance of the prior instead of the moment-matched one.
             rank (`int`, *optional*, defaults to 8): rank of the (zero) prompt-dependent part, for later training.
             latent_cache (`LatentCache`, *optional*): a cache of this backbone to read and fill (e.g. a trainer's).
-            target_kl (`float`, *optional*, defaults to 0.14): put the user's mean at this departure from the base,
+            target_kl (`float`, *optional*, defaults to 0.11): put the user's mean at this departure from the base,
                 in nats per response token under the backbone's latent metric, as `LatentDPOConfig.target_kl` does
                 for a trained user: the examples give the direction, this number the distance. `None` keeps the
                 length of the examples' mean difference, which depends on k and on how alike the examples are (on

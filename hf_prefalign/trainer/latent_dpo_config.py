@@ -76,12 +76,12 @@ class LatentDPOConfig(DPOConfig):
             0.14 base SDs against the paper recipe's +0.25 +- 0.14 (docs/preference_space.md).
         prior_rank (`int`, *optional*, defaults to 8):
             Rank of the prompt-dependent part of the user's prior.
-        target_kl (`float`, *optional*, defaults to 0.14):
+        target_kl (`float`, *optional*, defaults to 0.11):
             How far every user departs from the base, in nats per response token: after training, the prior's mean
             is scaled so that its z costs this much under the backbone's latent metric (1/2 z^T F z, averaged over
             the user's training prompts; `trainer/departure.py`). Latent DPO then decides the direction of a user
-            and this one number the distance, the same for every user. 0.14 is the largest departure at which 6
-            simulated users all stayed within +15% perplexity of the base on the validation split
+            and this one number the distance, the same for every user. 0.11 gave the best mean gain at which 6
+            simulated users all stayed within +15% perplexity of the base on a 128-prompt validation split
             (docs/preference_space.md). `None` keeps the scale training left. Needs a backbone whose latent metric
             was measured (`CLaPTrainer` does it); without one, a warning, no scaling.
         latent_cache_dir (`str`, *optional*):
